@@ -1,0 +1,185 @@
+"""One autograd.Function per op, with hand-written backward passes.
+
+The recurrent Functions run a whole layer (one direction) over the "packed data" layout that
+PyTorch's PackedSequence uses: rows of all time steps stacked, step t owning
+`batch_sizes[t]` rows (the longest sequences first). A padded (T, B, ...) input is the same
+layout with batch_sizes = (B,) * T, and a single cell step is T = 1. The input projection
+gx = x @ w_ih.T + b_ih is computed by the caller as one GEMM over all steps; here each step
+runs the fused cell primitive, and backward accumulates dW_hh and db_hh as one GEMM / one sum
+over the whole sequence instead of per step.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .ops import call
+
+
+def _steps(batch_sizes: Sequence[int], reverse: bool) -> List[Tuple[int, int]]:
+    """(row offset, row count) of each time step in processing order."""
+    offsets, off = [], 0
+    for bs in batch_sizes:
+        offsets.append((off, bs))
+        off += bs
+    steps = [s for s in offsets if s[1] > 0]
+    return steps[::-1] if reverse else steps
+
+
+def _replace_rows(state: Tensor, head: Tensor) -> Tensor:
+    """`state` with its first head.shape[0] rows replaced by `head` (rows past it keep theirs)."""
+    return head if head.shape[0] == state.shape[0] else torch.cat([head, state[head.shape[0]:]])
+
+
+class GRUFunction(torch.autograd.Function):
+    """One GRU layer direction. Saves per step: h_prev (N,H) and the gates [r,z,n,gh_n] (N,4H)."""
+
+    @staticmethod
+    def forward(ctx, gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
+                batch_sizes: Tuple[int, ...], reverse: bool, backend: str) -> Tuple[Tensor, Tensor]:
+        n_rows, hidden = gx.shape[0], h0.shape[1]
+        out = gx.new_empty(n_rows, hidden)
+        h_prev_all = gx.new_empty(n_rows, hidden)
+        saved_all = gx.new_empty(n_rows, 4 * hidden)
+        h = h0
+        for off, bs in _steps(batch_sizes, reverse):
+            h_prev = h[:bs]
+            h_new, saved = call("gru_cell_fwd", backend, gx[off:off + bs], h_prev, w_hh, b_hh)
+            out[off:off + bs] = h_new
+            h_prev_all[off:off + bs] = h_prev
+            saved_all[off:off + bs] = saved
+            h = _replace_rows(h, h_new)
+        ctx.save_for_backward(h_prev_all, saved_all, w_hh)
+        ctx.setup = (tuple(batch_sizes), reverse, backend, b_hh is not None)
+        return out, h.clone() if h is h0 else h  # an output must not be an input
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_h_n: Tensor):
+        h_prev_all, saved_all, w_hh = ctx.saved_tensors
+        batch_sizes, reverse, backend, has_bias = ctx.setup
+        grad_out = grad_out.contiguous()
+        grad_gx = torch.zeros_like(saved_all[:, : 3 * w_hh.shape[1]])
+        grad_gh = torch.zeros_like(grad_gx)
+        dh = grad_h_n.contiguous()
+        for off, bs in reversed(_steps(batch_sizes, reverse)):
+            g = dh[:bs] + grad_out[off:off + bs]
+            d_gx, d_gh, dh_direct = call("gru_cell_bwd", backend, g, h_prev_all[off:off + bs],
+                                         saved_all[off:off + bs])
+            grad_gx[off:off + bs] = d_gx
+            grad_gh[off:off + bs] = d_gh
+            dh = _replace_rows(dh, torch.addmm(dh_direct, d_gh, w_hh))
+        grad_w_hh = grad_gh.t() @ h_prev_all if ctx.needs_input_grad[2] else None
+        grad_b_hh = grad_gh.sum(0) if has_bias and ctx.needs_input_grad[3] else None
+        return grad_gx, dh, grad_w_hh, grad_b_hh, None, None, None
+
+
+class LSTMFunction(torch.autograd.Function):
+    """One LSTM layer direction. Saves per step: h_prev, c_prev, c_new (N,H each) and the
+    activated gates (N,4H); tanh(c_new) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
+                batch_sizes: Tuple[int, ...], reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+        n_rows, hidden = gx.shape[0], h0.shape[1]
+        out = gx.new_empty(n_rows, hidden)
+        h_prev_all, c_prev_all, c_new_all = (gx.new_empty(n_rows, hidden) for _ in range(3))
+        saved_all = gx.new_empty(n_rows, 4 * hidden)
+        h, c = h0, c0
+        for off, bs in _steps(batch_sizes, reverse):
+            h_new, c_new, saved = call("lstm_cell_fwd", backend, gx[off:off + bs], h[:bs], c[:bs], w_hh, b_hh)
+            out[off:off + bs] = h_new
+            h_prev_all[off:off + bs] = h[:bs]
+            c_prev_all[off:off + bs] = c[:bs]
+            c_new_all[off:off + bs] = c_new
+            saved_all[off:off + bs] = saved
+            h, c = _replace_rows(h, h_new), _replace_rows(c, c_new)
+        ctx.save_for_backward(h_prev_all, c_prev_all, c_new_all, saved_all, w_hh)
+        ctx.setup = (tuple(batch_sizes), reverse, backend, b_hh is not None)
+        return out, (h.clone() if h is h0 else h), (c.clone() if c is c0 else c)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor):
+        h_prev_all, c_prev_all, c_new_all, saved_all, w_hh = ctx.saved_tensors
+        batch_sizes, reverse, backend, has_bias = ctx.setup
+        grad_out = grad_out.contiguous()
+        grad_gates_all = torch.zeros_like(saved_all)
+        dh, dc = grad_h_n.contiguous(), grad_c_n.contiguous()
+        for off, bs in reversed(_steps(batch_sizes, reverse)):
+            rows = slice(off, off + bs)
+            g_h = dh[:bs] + grad_out[rows]
+            grad_gates, dc_prev = call("lstm_cell_bwd", backend, g_h, dc[:bs].contiguous(), c_prev_all[rows],
+                                       c_new_all[rows], saved_all[rows])
+            grad_gates_all[rows] = grad_gates
+            dh = _replace_rows(dh, grad_gates @ w_hh)
+            dc = _replace_rows(dc, dc_prev)
+        grad_w_hh = grad_gates_all.t() @ h_prev_all if ctx.needs_input_grad[3] else None
+        grad_b_hh = grad_gates_all.sum(0) if has_bias and ctx.needs_input_grad[4] else None
+        return grad_gates_all, dh, dc, grad_w_hh, grad_b_hh, None, None, None
+
+
+def _reduce_to_key_rows(grad_rows: Tensor, like: Tensor, kv_batch_idx: Optional[Tensor]) -> Tensor:
+    """Per-query-row gradients of a key-side tensor, summed onto the key rows they read."""
+    if kv_batch_idx is None:
+        return grad_rows
+    return torch.zeros_like(like).index_add_(0, kv_batch_idx, grad_rows.to(like.dtype))
+
+
+def _is_empty(q: Tensor, k: Tensor) -> bool:
+    return q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0 or k.shape[0] == 0
+
+
+class AdditiveAttentionFunction(torch.autograd.Function):
+    """Saves the inputs, the weights and the log-sum-exp; backward recomputes tanh(q + k)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, values, mask, lengths, kv_batch_idx, backend):
+        if _is_empty(q, k):  # nothing to attend to: zero context, weights of shape (Bq,Tq,Tk)
+            ctx.empty = True
+            ctx.save_for_backward(q, k, v, values)
+            return q.new_zeros(q.shape[0], q.shape[1], values.shape[2]), q.new_zeros(q.shape[0], q.shape[1], k.shape[1])
+        ctx.empty = False
+        context, weights, lse = call("additive_attention_fwd", backend, q, k, v, values, mask, lengths, kv_batch_idx)
+        ctx.save_for_backward(q, k, v, values, mask, lengths, kv_batch_idx, weights, lse)
+        ctx.backend = backend
+        return context, weights
+
+    @staticmethod
+    def backward(ctx, grad_context, grad_weights):
+        if ctx.empty:
+            return tuple(torch.zeros_like(t) for t in ctx.saved_tensors) + (None,) * 4
+        q, k, v, values, mask, lengths, kv_batch_idx, weights, lse = ctx.saved_tensors
+        dq, dk_rows, dv, dvalues_rows = call(
+            "additive_attention_bwd", ctx.backend, grad_context.contiguous(), grad_weights.contiguous(),
+            q, k, v, values, mask, lengths, kv_batch_idx, weights, lse)
+        return (dq, _reduce_to_key_rows(dk_rows, k, kv_batch_idx), dv,
+                _reduce_to_key_rows(dvalues_rows, values, kv_batch_idx), None, None, None, None)
+
+
+class DotAttentionFunction(torch.autograd.Function):
+    """Saves the inputs, the weights and the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, values, mask, lengths, kv_batch_idx, scale, backend):
+        if _is_empty(q, k):
+            ctx.empty = True
+            ctx.save_for_backward(q, k, values)
+            return q.new_zeros(q.shape[0], q.shape[1], values.shape[2]), q.new_zeros(q.shape[0], q.shape[1], k.shape[1])
+        ctx.empty = False
+        context, weights, lse = call("dot_attention_fwd", backend, q, k, values, mask, lengths, kv_batch_idx, scale)
+        ctx.save_for_backward(q, k, values, mask, lengths, kv_batch_idx, weights, lse)
+        ctx.setup = (scale, backend)
+        return context, weights
+
+    @staticmethod
+    def backward(ctx, grad_context, grad_weights):
+        if ctx.empty:
+            return tuple(torch.zeros_like(t) for t in ctx.saved_tensors) + (None,) * 5
+        q, k, values, mask, lengths, kv_batch_idx, weights, lse = ctx.saved_tensors
+        scale, backend = ctx.setup
+        dq, dk_rows, dvalues_rows = call(
+            "dot_attention_bwd", backend, grad_context.contiguous(), grad_weights.contiguous(),
+            q, k, values, mask, lengths, kv_batch_idx, scale, weights, lse)
+        return (dq, _reduce_to_key_rows(dk_rows, k, kv_batch_idx),
+                _reduce_to_key_rows(dvalues_rows, values, kv_batch_idx), None, None, None, None, None)

@@ -1,0 +1,170 @@
+"""Which backends exist here, and which one runs a given call.
+
+A backend is a module exposing the eight primitives of the kernel contract
+(see `fused_s2s.backend_torch`):
+
+| name     | module                        | runs on                                          |
+|----------|-------------------------------|--------------------------------------------------|
+| `torch`  | fused_s2s.backend_torch       | anywhere (plain PyTorch ops)                     |
+| `cpp`    | fused_s2s._C (compiled)       | CPU (float32/64) and, when built with CUDA, GPU  |
+| `triton` | fused_s2s.triton_kernels      | CUDA tensors; CPU tensors under TRITON_INTERPRET=1 |
+
+Selection, first match wins: the `backend=` argument of a function or module, then
+`set_backend()`, then the FUSED_S2S_BACKEND environment variable, then "auto". A backend asked
+for by name that cannot take a call raises `BackendUnavailable` saying why; "auto" tries the
+verified backends for the device in order and falls back to `torch` with one warning per reason.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+NAMES = ("torch", "cpp", "triton")
+OPS = ("gru_cell", "lstm_cell", "additive_attention", "dot_attention")
+
+# What "auto" tries, per device type. A kernel backend joins a device's list only once the
+# parity suite has passed for it on that device: the CUDA kernels have not yet been run on a
+# GPU, so on CUDA "auto" means `torch` until they are.
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cpu": ("cpp", "torch"),
+    "cuda": ("torch",),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend asked for by name cannot run here, or cannot take this call."""
+
+
+_process_backend: Optional[str] = None
+_loaded: Dict[str, ModuleType] = {}
+_load_errors: Dict[str, str] = {}
+_warned: set = set()
+
+
+def _check_name(name: str, what: str = "backend") -> str:
+    if not isinstance(name, str) or name not in NAMES + ("auto",):
+        raise ValueError(f"{what} must be one of {('auto',) + NAMES}, got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend ("auto", "torch", "cpp", "triton"); None resets."""
+    global _process_backend
+    _process_backend = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The process-wide default: set_backend(), else $FUSED_S2S_BACKEND, else "auto"."""
+    if _process_backend is not None:
+        return _process_backend
+    env = os.environ.get("FUSED_S2S_BACKEND")
+    return _check_name(env, "FUSED_S2S_BACKEND") if env else "auto"
+
+
+def _import(name: str) -> ModuleType:
+    if name == "torch":
+        from . import backend_torch
+        return backend_torch
+    if name == "cpp":
+        from ._build import load_extension
+        return load_extension()
+    return importlib.import_module("fused_s2s.triton_kernels")
+
+
+def load(name: str) -> ModuleType:
+    """The backend's module; raises BackendUnavailable (with the reason) if it cannot load."""
+    _check_name(name)
+    if name in _loaded:
+        return _loaded[name]
+    if name not in _load_errors:
+        try:
+            _loaded[name] = _import(name)
+            return _loaded[name]
+        except Exception as e:  # any failure to build/import means "not available", with why
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            _load_errors[name] = f"{type(e).__name__}: {first_line}"
+    raise BackendUnavailable(f"backend {name!r} cannot load: {_load_errors[name]}")
+
+
+def unsupported_reason(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if backend `name` can run `op` on tensors of this device and dtype, else why not."""
+    try:
+        module = load(name)
+    except BackendUnavailable as e:
+        return str(e)
+    if name == "torch":
+        return None
+    if name == "cpp":
+        if device.type == "cpu":
+            ok = dtype in (torch.float32, torch.float64)
+            return None if ok else f"cpp on CPU supports float32/float64, not {dtype}"
+        if device.type == "cuda":
+            if not getattr(module, "has_cuda", False):
+                return "the cpp extension was built without CUDA kernels"
+            ok = dtype in (torch.float32, torch.float16, torch.bfloat16)
+            return None if ok else f"cpp on CUDA supports float32/float16/bfloat16, not {dtype}"
+        return f"cpp has no kernels for device type {device.type!r}"
+    return module.unsupported_reason(op, device, dtype)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(requested: Optional[str], op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The name of the backend that runs `op` for tensors of this device/dtype."""
+    name = _check_name(requested) if requested is not None else get_backend()
+    if name != "auto":
+        reason = unsupported_reason(name, op, device, dtype)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} cannot run {op} on {device.type}/{dtype}: {reason}")
+        return name
+    for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+        reason = unsupported_reason(candidate, op, device, dtype)
+        if reason is None:
+            return candidate
+        _warn_once(f"fused_s2s: backend {candidate!r} cannot run {op} here ({reason}); "
+                   f"falling back to the next backend")
+    return "torch"
+
+
+def available() -> Dict[str, Optional[str]]:
+    """{backend name: None if it loads here, else the reason it does not}."""
+    out: Dict[str, Optional[str]] = {}
+    for name in NAMES:
+        try:
+            load(name)
+            out[name] = None
+        except BackendUnavailable as e:
+            out[name] = str(e)
+    return out
+
+
+def describe() -> str:
+    """Human-readable report for `python -m fused_s2s info`."""
+    lines = [f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"]
+    if torch.cuda.is_available():
+        lines.append(f"device: {torch.cuda.get_device_name()}")
+    lines.append(f"default backend: {get_backend()}")
+    for name, reason in available().items():
+        if reason is not None:
+            lines.append(f"  {name:7s} unavailable: {reason}")
+            continue
+        details = []
+        if name == "cpp":
+            details.append("CUDA kernels built" if getattr(load(name), "has_cuda", False)
+                           else "CPU kernels only")
+        for dev in ("cpu", "cuda"):
+            why = unsupported_reason(name, "gru_cell", torch.device(dev), torch.float32)
+            details.append(f"{dev}: {'yes' if why is None else 'no (' + why + ')'}")
+        lines.append(f"  {name:7s} available; " + "; ".join(details))
+    for dev, order in AUTO_ORDER.items():
+        lines.append(f"auto on {dev}: tries {', '.join(order)}")
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""The functional API: argument checks, backend choice, then the autograd Functions.
+
+Every function takes a keyword `backend=` ("auto", "torch", "cpp", "triton"; None means the
+process default, see `fused_s2s.backends`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+from .autograd import AdditiveAttentionFunction, DotAttentionFunction, GRUFunction, LSTMFunction
+
+# ------------------------------------------------------------------------------ arg checks
+
+
+def _require(cond: bool, message: str, exc: type = ValueError) -> None:
+    if not cond:
+        raise exc(message)
+
+
+def _check_tensor(name: str, t, dims: Sequence[int], like: Optional[Tensor] = None) -> None:
+    _require(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}", TypeError)
+    _require(t.dim() in dims, f"{name} must have {' or '.join(map(str, dims))} dimensions, "
+             f"got shape {tuple(t.shape)}")
+    if like is None:
+        _require(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}", TypeError)
+        return
+    _require(t.dtype == like.dtype, f"{name} has dtype {t.dtype} but the input has {like.dtype}", TypeError)
+    _require(t.device == like.device, f"{name} is on {t.device} but the input is on {like.device}")
+
+
+def _check_shape(name: str, t: Optional[Tensor], shape: Tuple[int, ...]) -> None:
+    if t is not None:
+        _require(tuple(t.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_index(name: str, t: Optional[Tensor], shape: Tuple[int, ...], device: torch.device,
+                 upper: int) -> Optional[Tensor]:
+    """An integer tensor of `shape` with values in [0, upper]; returned as contiguous int64."""
+    if t is None:
+        return None
+    _require(isinstance(t, Tensor) and not t.is_floating_point() and t.dtype != torch.bool,
+             f"{name} must be an integer tensor", TypeError)
+    _check_shape(name, t, shape)
+    t = t.to(device=device, dtype=torch.int64).contiguous()
+    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+    if t.numel() and not capturing and not torch.compiler.is_compiling():
+        # an out-of-range index would make a kernel read out of bounds: check it here
+        lo, hi = int(t.min()), int(t.max())
+        _require(lo >= 0 and hi <= upper, f"{name} values must lie in [0, {upper}], got [{lo}, {hi}]")
+    return t
+
+
+def _pick(backend: Optional[str], op: str, t: Tensor) -> str:
+    return backends.resolve(backend, op, t.device, t.dtype)
+
+
+# ----------------------------------------------------------------------------------- cells
+
+
+def _check_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih, b_hh,
+                gates: int) -> int:
+    _check_tensor("input", input, (1, 2))
+    _check_tensor("w_ih", w_ih, (2,), input)
+    _check_tensor("w_hh", w_hh, (2,), input)
+    hidden = w_hh.shape[1]
+    _check_shape("w_hh", w_hh, (gates * hidden, hidden))
+    _check_shape("w_ih", w_ih, (gates * hidden, input.shape[-1]))
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            _check_tensor(name, b, (1,), input)
+            _check_shape(name, b, (gates * hidden,))
+    if hx is not None:
+        _check_tensor("hx", hx, (input.dim(),), input)
+        _check_shape("hx", hx, tuple(input.shape[:-1]) + (hidden,))
+    return hidden
+
+
+def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+             b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
+             backend: Optional[str] = None) -> Tensor:
+    """One GRU step, as torch.nn.GRUCell: input (B, I) or (I,), hx (B, H) or (H,) or None."""
+    hidden = _check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 3)
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    h0 = (hx if batched else hx.unsqueeze(0)) if hx is not None else x.new_zeros(x.shape[0], hidden)
+    h_new = gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=backend)[1]
+    return h_new if batched else h_new.squeeze(0)
+
+
+def lstm_cell(input: Tensor, state: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
+              backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """One LSTM step, as torch.nn.LSTMCell: returns (h', c')."""
+    hx, cx = state if state is not None else (None, None)
+    hidden = _check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 4)
+    if cx is not None:
+        _check_tensor("cx", cx, (input.dim(),), input)
+        _check_shape("cx", cx, tuple(input.shape[:-1]) + (hidden,))
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    zeros = x.new_zeros(x.shape[0], hidden)
+    h0 = zeros if hx is None else (hx if batched else hx.unsqueeze(0))
+    c0 = zeros if cx is None else (cx if batched else cx.unsqueeze(0))
+    _, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=backend)
+    return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+
+
+def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+              b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, *,
+              backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """One GRU layer direction over packed rows x (N, I) -> (output rows (N, H), h_n (B, H)).
+    The arguments are those the modules have already checked."""
+    gx = F.linear(x, w_ih, b_ih).contiguous()  # the input projection: one GEMM for all steps
+    return GRUFunction.apply(gx, h0.contiguous(), w_hh.contiguous(), b_hh, tuple(batch_sizes),
+                             reverse, _pick(backend, "gru_cell", x))
+
+
+def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+               b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, *,
+               backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer direction over packed rows -> (output rows, h_n, c_n)."""
+    gx = F.linear(x, w_ih, b_ih).contiguous()
+    return LSTMFunction.apply(gx, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), b_hh,
+                              tuple(batch_sizes), reverse, _pick(backend, "lstm_cell", x))
+
+
+# ------------------------------------------------------------------------------- attention
+
+
+def _prepare_attention(query: Tensor, keys: Tensor, values: Tensor, mask, lengths, kv_batch_idx,
+                       qname: str, kname: str):
+    """Checks shared by both scores; returns 3-D query and normalised mask/lengths/index."""
+    _check_tensor(qname, query, (2, 3))
+    _check_tensor(kname, keys, (3,), query)
+    _check_tensor("values", values, (3,), query)
+    bk, tk = keys.shape[0], keys.shape[1]
+    _require(values.shape[:2] == keys.shape[:2],
+             f"values must have shape ({bk}, {tk}, Dv) like {kname}, got {tuple(values.shape)}")
+    q = query if query.dim() == 3 else query.unsqueeze(1)
+    if kv_batch_idx is None:
+        _require(q.shape[0] == bk, f"{qname} has batch {q.shape[0]} but {kname} has batch {bk} "
+                 "(pass kv_batch_idx to map query rows to key rows)")
+    kv_batch_idx = _check_index("kv_batch_idx", kv_batch_idx, (q.shape[0],), query.device, bk - 1)
+    if mask is not None:
+        _require(isinstance(mask, Tensor) and mask.dtype == torch.bool,
+                 f"mask must be a bool tensor (True = real position), got "
+                 f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}", TypeError)
+        _check_shape("mask", mask, (bk, tk))
+        _require(mask.device == query.device, f"mask is on {mask.device} but {qname} is on {query.device}")
+        mask = mask.contiguous()
+    lengths = _check_index("lengths", lengths, (bk,), query.device, tk)
+    return q.contiguous(), keys.contiguous(), values.contiguous(), mask, lengths, kv_batch_idx
+
+
+def additive_attention(q_proj: Tensor, k_proj: Tensor, v: Tensor, values: Tensor,
+                       mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+                       kv_batch_idx: Optional[Tensor] = None,
+                       backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Additive (Bahdanau) attention on projected queries and keys.
+
+    e[b,t,s] = v . tanh(q_proj[b,t] + k_proj[b,s]), weights = softmax over valid s,
+    context = weights @ values. q_proj (B,A) or (B,Tq,A); k_proj (Bk,Tk,A); v (A,);
+    values (Bk,Tk,Dv); mask bool (Bk,Tk), True = real position; lengths (Bk,); kv_batch_idx
+    (B,) maps query rows to key rows. Returns context (B,[Tq,]Dv) and weights (B,[Tq,]Tk).
+    """
+    q, k, vals, mask, lengths, kv_batch_idx = _prepare_attention(
+        q_proj, k_proj, values, mask, lengths, kv_batch_idx, "q_proj", "k_proj")
+    _check_tensor("v", v, (1,), q_proj)
+    _require(q.shape[2] == k.shape[2] == v.shape[0],
+             f"q_proj, k_proj and v must share the attention size, got {q.shape[2]}, {k.shape[2]}, {v.shape[0]}")
+    context, weights = AdditiveAttentionFunction.apply(
+        q, k, v.contiguous(), vals, mask, lengths, kv_batch_idx, _pick(backend, "additive_attention", q))
+    return (context, weights) if q_proj.dim() == 3 else (context.squeeze(1), weights.squeeze(1))
+
+
+def dot_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor] = None,
+                  scale: Optional[float] = None, *, lengths: Optional[Tensor] = None,
+                  kv_batch_idx: Optional[Tensor] = None,
+                  backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Dot-product (Luong "dot") attention: e = scale * query . keys (scale defaults to 1)."""
+    q, k, vals, mask, lengths, kv_batch_idx = _prepare_attention(
+        query, keys, values, mask, lengths, kv_batch_idx, "query", "keys")
+    _require(q.shape[2] == k.shape[2], f"query and keys must share the feature size, got {q.shape[2]} and {k.shape[2]}")
+    scale = 1.0 if scale is None else float(scale)
+    context, weights = DotAttentionFunction.apply(
+        q, k, vals, mask, lengths, kv_batch_idx, scale, _pick(backend, "dot_attention", q))
+    return (context, weights) if query.dim() == 3 else (context.squeeze(1), weights.squeeze(1))

@@ -1,0 +1,362 @@
+"""Drop-in torch.nn modules: same constructors, parameter names, state_dicts and forward
+signatures as nn.GRUCell, nn.LSTMCell, nn.GRU and nn.LSTM, plus a `backend=` argument, and the
+Bahdanau and Luong attention layers.
+
+GRU/LSTM deliberately do not inherit from nn.RNNBase: torch.compile refuses to trace instances
+of it, and compiling a model without a graph break at the RNN is one of the reasons to use
+these.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import backends, functional
+
+# ----------------------------------------------------------------------------------- cells
+
+
+class _CellBase(nn.Module):
+    gates: int
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        if hidden_size <= 0 or input_size < 0:
+            raise ValueError(f"hidden_size must be positive and input_size non-negative, got "
+                             f"{hidden_size} and {input_size}")
+        kw = {"device": device, "dtype": dtype}
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
+        self.backend = None if backend is None else backends._check_name(backend)
+        self.weight_ih = nn.Parameter(torch.empty(self.gates * hidden_size, input_size, **kw))
+        self.weight_hh = nn.Parameter(torch.empty(self.gates * hidden_size, hidden_size, **kw))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(self.gates * hidden_size, **kw))
+            self.bias_hh = nn.Parameter(torch.empty(self.gates * hidden_size, **kw))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        return s + (f", backend={self.backend!r}" if self.backend else "")
+
+
+class GRUCell(_CellBase):
+    """nn.GRUCell with fused kernels: forward(input (B,I) or (I,), hx=None) -> h'."""
+    gates = 3
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        return functional.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                   backend=self.backend)
+
+
+class LSTMCell(_CellBase):
+    """nn.LSTMCell with fused kernels: forward(input, (hx, cx)=None) -> (h', c')."""
+    gates = 4
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        return functional.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                    backend=self.backend)
+
+
+# ---------------------------------------------------------------------------------- layers
+
+
+class _RecurrentLayers(nn.Module):
+    """What GRU and LSTM share: parameters named and ordered as in nn.GRU/nn.LSTM, input
+    layouts (padded, batch_first, unbatched, PackedSequence), layers, directions, dropout."""
+    gates: int
+    has_cell_state: bool
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, backend: Optional[str] = None) -> None:
+        super().__init__()
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional = bidirectional
+        self.backend = None if backend is None else backends._check_name(backend)
+        kw = {"device": device, "dtype": dtype}
+        g = self.gates * hidden_size
+        self._flat_weights_names: List[str] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
+            for suffix in self._suffixes():
+                shapes = [("weight_ih", (g, layer_input)), ("weight_hh", (g, hidden_size))]
+                if bias:
+                    shapes += [("bias_ih", (g,)), ("bias_hh", (g,))]
+                for kind, shape in shapes:
+                    name = f"{kind}_l{layer}{suffix}"
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw)))
+                    self._flat_weights_names.append(name)
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _suffixes(self) -> Tuple[str, ...]:
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for nn.RNNBase (our weights need no flat buffer)."""
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        per = 4 if self.bias else 2
+        flat = [getattr(self, n) for n in self._flat_weights_names]
+        return [flat[i:i + per] for i in range(0, len(flat), per)]
+
+    def _weights(self, layer: int, suffix: str):
+        get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
+        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                              ("dropout", 0.0), ("bidirectional", False), ("backend", None)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)!r}"
+        return s
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _check_state(self, name: str, state: Tensor, x: Tensor, batch: int) -> None:
+        expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        if not isinstance(state, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
+        if tuple(state.shape) != expected:
+            raise RuntimeError(f"Expected {name} size {expected}, got {tuple(state.shape)}")
+        if state.dtype != x.dtype or state.device != x.device:
+            raise RuntimeError(f"{name} must have the input's dtype and device ({x.dtype}, {x.device}), "
+                               f"got ({state.dtype}, {state.device})")
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes_t = input.data, input.batch_sizes
+            batch_sizes = [int(b) for b in batch_sizes_t]
+            batch = batch_sizes[0] if batch_sizes else 0
+            batched = True
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if self.batch_first and batched:
+                x = x.transpose(0, 1)
+            steps, batch = x.shape[0], x.shape[1]
+            data = x.reshape(steps * batch, x.shape[2])
+            batch_sizes = [batch] * steps
+        if data.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {data.shape[-1]}")
+        if not data.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {data.dtype}")
+        first = next(self.parameters())
+        if data.dtype != first.dtype or data.device != first.device:
+            raise RuntimeError(f"input ({data.dtype}, {data.device}) and parameters ({first.dtype}, "
+                               f"{first.device}) must have the same dtype and device")
+
+        states = self._initial_states(hx, data, batch, batched)
+        if packed and input.sorted_indices is not None:  # states come in the caller's batch order
+            states = [s.index_select(1, input.sorted_indices) for s in states]
+
+        out, final = self._run_layers(data, states, batch_sizes)
+
+        if packed and input.unsorted_indices is not None:
+            final = [s.index_select(1, input.unsorted_indices) for s in final]
+        if packed:
+            output = PackedSequence(out, batch_sizes_t, input.sorted_indices, input.unsorted_indices)
+        else:
+            output = out.reshape(len(batch_sizes), batch, out.shape[-1])
+            if self.batch_first and batched:
+                output = output.transpose(0, 1)
+            if not batched:
+                output = output.squeeze(1)
+                final = [s.squeeze(1) for s in final]
+        return output, (tuple(final) if self.has_cell_state else final[0])
+
+    def _initial_states(self, hx, data: Tensor, batch: int, batched: bool) -> List[Tensor]:
+        names = ("h_0", "c_0") if self.has_cell_state else ("hx",)
+        if hx is None:
+            zeros = data.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
+            return [zeros] * len(names)
+        given = list(hx) if self.has_cell_state else [hx]
+        if self.has_cell_state and len(given) != 2:
+            raise TypeError("hx must be a tuple (h_0, c_0) for LSTM")
+        states = []
+        for name, s in zip(names, given):
+            if isinstance(s, Tensor) and not batched:
+                if s.dim() != 2:
+                    raise RuntimeError(f"For unbatched 2-D input, {name} should also be 2-D but got {s.dim()}-D tensor")
+                s = s.unsqueeze(1)
+            self._check_state(name, s, data, batch)
+            states.append(s)
+        return states
+
+    def _run_layers(self, data: Tensor, states: List[Tensor], batch_sizes: List[int]):
+        finals: List[List[Tensor]] = [[] for _ in states]
+        layer_input = data
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction, suffix in enumerate(self._suffixes()):
+                idx = layer * self.num_directions + direction
+                result = self._run_direction(layer_input, [s[idx] for s in states], batch_sizes,
+                                             self._weights(layer, suffix), reverse=direction == 1)
+                outputs.append(result[0])
+                for f, s in zip(finals, result[1:]):
+                    f.append(s)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, [torch.stack(f) for f in finals]
+
+
+class GRU(_RecurrentLayers):
+    """nn.GRU with fused kernels. forward(input, hx=None) -> (output, h_n)."""
+    gates, has_cell_state = 3, False
+
+    def _run_direction(self, x, states, batch_sizes, weights, reverse):
+        w_ih, w_hh, b_ih, b_hh = weights
+        return functional.gru_layer(x, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
+                                    backend=self.backend)
+
+
+class LSTM(_RecurrentLayers):
+    """nn.LSTM with fused kernels. forward(input, (h_0, c_0)=None) -> (output, (h_n, c_n))."""
+    gates, has_cell_state = 4, True
+
+    def __init__(self, *args, proj_size: int = 0, **kwargs) -> None:
+        if proj_size != 0:
+            raise ValueError("proj_size > 0 (LSTM with projections) is not supported by fused_s2s.LSTM")
+        super().__init__(*args, **kwargs)
+        self.proj_size = 0
+
+    def _run_direction(self, x, states, batch_sizes, weights, reverse):
+        w_ih, w_hh, b_ih, b_hh = weights
+        return functional.lstm_layer(x, states[0], states[1], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
+                                     backend=self.backend)
+
+
+# ------------------------------------------------------------------------------- attention
+
+
+class _AdditiveScore(nn.Module):
+    """e = v . tanh(W_q q + b + W_k k): the bias sits in the query projection, and W_k k is
+    computed once per source by project_keys()."""
+
+    def __init__(self, query_size: int, key_size: int, hidden_size: int, normalize: bool,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.query_proj = nn.Linear(query_size, hidden_size, bias=True, **kw)
+        self.key_proj = nn.Linear(key_size, hidden_size, bias=False, **kw)
+        bound = 1.0 / math.sqrt(hidden_size)
+        self.energy = nn.Parameter(torch.empty(hidden_size, **kw).uniform_(-bound, bound))
+        self.normalize = normalize
+        if normalize:  # weight normalisation of v (Salimans & Kingma; TF-Addons, GNMT)
+            self.energy_gain = nn.Parameter(torch.full((), bound, **kw))
+
+    def energy_vector(self) -> Tensor:
+        if not self.normalize:
+            return self.energy
+        return self.energy_gain * self.energy / self.energy.norm()
+
+    def attend(self, query, proj_keys, values, mask, lengths, kv_batch_idx, backend):
+        return functional.additive_attention(self.query_proj(query), proj_keys, self.energy_vector(), values,
+                                             mask, lengths=lengths, kv_batch_idx=kv_batch_idx, backend=backend)
+
+
+class BahdanauAttention(nn.Module):
+    """Additive attention (Bahdanau et al., 2015): e[t,s] = v . tanh(W_q q_t + b + W_k k_s).
+
+    forward(query (B,Dq) or (B,Tq,Dq), keys (Bk,Tk,Dk), values=None (defaults to keys),
+    mask=None (bool (Bk,Tk), True = real position), *, lengths=None, kv_batch_idx=None,
+    proj_keys=None) -> (context, weights). Call `project_keys(keys)` once per source sequence
+    and pass the result as `proj_keys=` at every decoder step to skip re-projecting the keys.
+    """
+
+    def __init__(self, query_size: int, key_size: int, hidden_size: int, normalize: bool = False,
+                 device=None, dtype=None, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.backend = None if backend is None else backends._check_name(backend)
+        self.score = _AdditiveScore(query_size, key_size, hidden_size, normalize, device, dtype)
+
+    def project_keys(self, keys: Tensor) -> Tensor:
+        return self.score.key_proj(keys)
+
+    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+                kv_batch_idx: Optional[Tensor] = None, proj_keys: Optional[Tensor] = None):
+        proj_keys = self.project_keys(keys) if proj_keys is None else proj_keys
+        return self.score.attend(query, proj_keys, keys if values is None else values, mask, lengths,
+                                 kv_batch_idx, self.backend)
+
+
+class LuongAttention(nn.Module):
+    """Multiplicative attention (Luong et al., 2015), score "dot" (e = q.k, times `scale` if
+    given), "general" (e = q.W k, computed as (W^T q).k: one small GEMM per step instead of
+    projecting every key) or "concat" (additive, with `hidden_size`, default query_size).
+    Same forward and project_keys as BahdanauAttention."""
+
+    def __init__(self, query_size: int, key_size: int, score: str = "dot", hidden_size: Optional[int] = None,
+                 scale: Optional[float] = None, device=None, dtype=None, backend: Optional[str] = None) -> None:
+        super().__init__()
+        if score not in ("dot", "general", "concat"):
+            raise ValueError(f"score must be 'dot', 'general' or 'concat', got {score!r}")
+        if score == "dot" and query_size != key_size:
+            raise ValueError(f"score='dot' needs query_size == key_size, got {query_size} and {key_size}")
+        self.score_name, self.scale = score, scale
+        self.backend = None if backend is None else backends._check_name(backend)
+        kw = {"device": device, "dtype": dtype}
+        if score == "general":
+            self.weight = nn.Parameter(torch.empty(query_size, key_size, **kw))
+            nn.init.uniform_(self.weight, -1 / math.sqrt(key_size), 1 / math.sqrt(key_size))
+        if score == "concat":
+            self.score = _AdditiveScore(query_size, key_size, hidden_size or query_size, False, device, dtype)
+
+    def project_keys(self, keys: Tensor) -> Tensor:
+        return self.score.key_proj(keys) if self.score_name == "concat" else keys
+
+    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+                kv_batch_idx: Optional[Tensor] = None, proj_keys: Optional[Tensor] = None):
+        values = keys if values is None else values
+        proj_keys = self.project_keys(keys) if proj_keys is None else proj_keys
+        if self.score_name == "concat":
+            return self.score.attend(query, proj_keys, values, mask, lengths, kv_batch_idx, self.backend)
+        if self.score_name == "general":
+            query = query @ self.weight  # (W^T q) for each query row
+        return functional.dot_attention(query, proj_keys, values, mask, self.scale, lengths=lengths,
+                                        kv_batch_idx=kv_batch_idx, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"score={self.score_name!r}" + (f", scale={self.scale}" if self.scale is not None else "")
