@@ -26,6 +26,7 @@ import torch
 
 NAMES = ("torch", "cpp", "triton")
 OPS = ("gru_cell", "lstm_cell", "additive_attention", "dot_attention")
+PRIMITIVES = tuple(f"{op}_{part}" for op in OPS for part in ("fwd", "bwd"))
 
 # What "auto" tries, per device type. A kernel backend joins a device's list only once the
 # parity suite has passed for it on that device: the CUDA kernels have not yet been run on a
@@ -68,12 +69,17 @@ def get_backend() -> str:
 
 def _import(name: str) -> ModuleType:
     if name == "torch":
-        from . import backend_torch
-        return backend_torch
-    if name == "cpp":
+        from . import backend_torch as module
+    elif name == "cpp":
         from ._build import load_extension
-        return load_extension()
-    return importlib.import_module("fused_s2s.triton_kernels")
+        module = load_extension()
+    else:
+        module = importlib.import_module("fused_s2s.triton_kernels")
+    required = PRIMITIVES + (("unsupported_reason",) if name == "triton" else ())
+    missing = [p for p in required if not hasattr(module, p)]
+    if missing:
+        raise ImportError(f"{module.__name__} lacks {', '.join(missing)}")
+    return module
 
 
 def load(name: str) -> ModuleType:

@@ -48,9 +48,10 @@ def valid_positions(mask: Optional[Tensor], lengths: Optional[Tensor], batch: in
 
 
 def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
-    """Softmax over the last dim in float32; invalid positions get exactly 0 and a row
-    with no valid position gives all zeros (never NaN)."""
-    s = scores.float().masked_fill(~valid, float("-inf"))
+    """Softmax over the last dim in float32 (float64 stays float64); invalid positions get
+    exactly 0 and a row with no valid position gives all zeros (never NaN)."""
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    s = scores.to(acc).masked_fill(~valid, float("-inf"))
     row_max = s.amax(dim=-1, keepdim=True).detach()  # any constant works; detached keeps grads clean
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(s - row_max)  # exp(-inf) = 0 at invalid positions

@@ -1,0 +1,82 @@
+"""Shared test setup: Triton's interpreter on machines without a GPU, the parametrisation over
+backend x device x dtype, and the tolerance rule, declared once.
+
+FUSED_S2S_REQUIRE_BACKENDS (comma-separated, e.g. "torch,cpp,triton"; CI sets it) turns a
+backend that cannot load into a failing test instead of a skipped one, so a broken build can
+never hide behind a green run.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must happen before triton is imported anywhere
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fused_s2s import backends  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# float64 only where a backend supports it; half types are exercised on the GPU.
+DTYPES = {"cpu": [torch.float64, torch.float32],
+          "cuda": [torch.float32, torch.float16, torch.bfloat16]}
+REQUIRED = {n for n in os.environ.get("FUSED_S2S_REQUIRE_BACKENDS", "torch").split(",") if n}
+
+
+def _case(backend: str, device: str, dtype: torch.dtype, op: str):
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    reason = backends.unsupported_reason(backend, op, torch.device(device), dtype)
+    if reason is not None and backend in REQUIRED and backends.available()[backend] is not None:
+        marks.append(pytest.mark.usefixtures("_required_backend_missing"))
+    elif reason is not None:
+        marks.append(pytest.mark.skip(reason=f"{backend} on {device}/{dtype}: {reason}"))
+    return pytest.param(backend, device, dtype, marks=marks,
+                        id=f"{backend}-{device}-{str(dtype).replace('torch.', '')}")
+
+
+def parity_cases(op: str, dtypes=None):
+    """pytest params (backend, device, dtype) for every backend x device x dtype."""
+    return [_case(b, d, t, op) for d in DEVICES for t in (dtypes or DTYPES[d]) for b in backends.NAMES]
+
+
+@pytest.fixture
+def _required_backend_missing(request):
+    backend = request.node.callspec.params.get("backend")
+    pytest.fail(f"backend {backend!r} is required here (FUSED_S2S_REQUIRE_BACKENDS) but cannot load: "
+                f"{backends.available().get(backend)}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def assert_close_to_reference(ours: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor = None,
+                              name: str = "output") -> None:
+    """The tolerance rule, by dtype:
+    - float32/float64: torch.testing.assert_close defaults against the float64 reference cast
+      to our dtype;
+    - float16/bfloat16 (FlashAttention's rule): our max error against the float64 reference is
+      at most twice that of the plain PyTorch computation done in the same precision (`plain`),
+      plus a floor of one unit in the last place at the output's scale, for outputs the plain
+      computation happens to get exactly right.
+    """
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(ours).any() or torch.isnan(ref64).any(), f"{name}: NaN where the reference has none"
+    if ours.dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(ours, ref64.to(ours.dtype), msg=lambda m: f"{name}: {m}")
+        return
+    assert plain is not None, "low-precision comparisons need the plain computation"
+    err = (ours.double() - ref64).abs().max().item() if ours.numel() else 0.0
+    plain_err = (plain.double() - ref64).abs().max().item() if ours.numel() else 0.0
+    ulp = torch.finfo(ours.dtype).eps * max(ref64.abs().max().item() if ours.numel() else 0.0, 1.0)
+    assert err <= 2 * plain_err + ulp, f"{name}: error {err:.3g} > 2 x plain {ours.dtype} error {plain_err:.3g} + {ulp:.3g}"
