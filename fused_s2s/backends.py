@@ -136,8 +136,8 @@ def resolve(requested: Optional[str], op: str, device: torch.device, dtype: torc
         reason = unsupported_reason(candidate, op, device, dtype)
         if reason is None:
             return candidate
-        _warn_once(f"fused_s2s: backend {candidate!r} cannot run {op} here ({reason}); "
-                   f"falling back to the next backend")
+        _warn_once(f"fused_s2s: backend {candidate!r} is not used for {device.type}/{dtype} ({reason}); "
+                   f"'auto' falls back to {', '.join(AUTO_ORDER[device.type][1:]) or 'torch'}")
     return "torch"
 
 

@@ -1,0 +1,210 @@
+"""Drop-in: torch.nn state_dicts load into our modules and give the same outputs and gradients;
+the attention layers match naive attention written independently."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fused_s2s
+
+from conftest import parity_cases
+
+CPU64 = [p for p in parity_cases("gru_cell", dtypes=[torch.float64]) if p.values[1] == "cpu"]
+
+
+def _grads(outputs, params):
+    loss = sum((o.data if hasattr(o, "batch_sizes") else o).square().sum() for o in outputs)
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _flatten(out):
+    """Tensors of an RNN result ((output, h_n) or (output, (h_n, c_n)), packed or not)."""
+    o, state = out
+    o = o.data if hasattr(o, "batch_sizes") else o
+    return [o] + (list(state) if isinstance(state, tuple) else [state])
+
+
+def _assert_same(ref_module, ours, *args):
+    ref_out, our_out = _flatten(ref_module(*args)), _flatten(ours(*args))
+    for a, b in zip(ref_out, our_out):
+        torch.testing.assert_close(b, a)
+    for (name, p_ref), g_ref, g in zip(ref_module.named_parameters(), _grads(ref_out, list(ref_module.parameters())),
+                                       _grads(our_out, list(ours.parameters()))):
+        torch.testing.assert_close(g, g_ref, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("backend,device,dtype", CPU64)
+@pytest.mark.parametrize("mode", ["GRUCell", "LSTMCell"])
+def test_cells_drop_in(backend, device, dtype, mode):
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(5, 7).double()
+    ours = getattr(fused_s2s, mode)(5, 7, backend=backend).double()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, dtype=torch.float64)
+    h = torch.randn(3, 7, dtype=torch.float64)
+    state = h if mode == "GRUCell" else (h, torch.randn(3, 7, dtype=torch.float64))
+    for args in [(x,), (x, state), (x[0],), (x[0], state[0] if mode == "GRUCell" else (h[0], state[1][0]))]:
+        r, o = ref(*args), ours(*args)
+        for a, b in zip(r if isinstance(r, tuple) else (r,), o if isinstance(o, tuple) else (o,)):
+            torch.testing.assert_close(b, a)
+    no_bias_ref = getattr(nn, mode)(5, 7, bias=False).double()
+    no_bias = getattr(fused_s2s, mode)(5, 7, bias=False, backend=backend).double()
+    no_bias.load_state_dict(no_bias_ref.state_dict())
+    r, o = no_bias_ref(x), no_bias(x)
+    torch.testing.assert_close(o, r)
+
+
+CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], [True, False]))
+
+
+@pytest.mark.parametrize("backend,device,dtype", CPU64)
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,bias", CONFIGS,
+                         ids=lambda v: str(v))
+def test_layers_drop_in(backend, device, dtype, mode, num_layers, bidirectional, batch_first, bias):
+    torch.manual_seed(1)
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    ref = getattr(nn, mode)(4, 6, **kw).double()
+    ours = getattr(fused_s2s, mode)(4, 6, backend=backend, **kw).double()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    T, B = 5, 3
+    x = torch.randn((B, T, 4) if batch_first else (T, B, 4), dtype=torch.float64)
+    _assert_same(ref, ours, x)  # zero initial state
+    h0 = torch.randn(num_layers * (2 if bidirectional else 1), B, 6, dtype=torch.float64)
+    state = h0 if mode == "GRU" else (h0, torch.randn_like(h0))
+    _assert_same(ref, ours, x, state)
+    lengths = torch.tensor([2, 5, 1])
+    packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+    _assert_same(ref, ours, packed, state)
+    unbatched = x[0] if batch_first else x[:, 0]
+    state0 = h0[:, 0] if mode == "GRU" else (h0[:, 0], state[1][:, 0])
+    _assert_same(ref, ours, unbatched, state0)
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_packed_output_round_trips(mode):
+    ref = getattr(nn, mode)(3, 4, bidirectional=True).double()
+    ours = getattr(fused_s2s, mode)(3, 4, bidirectional=True).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([6, 2, 4, 1]), enforce_sorted=False)
+    out, _ = ours(packed)
+    assert isinstance(out, nn.utils.rnn.PackedSequence)
+    padded, lengths = pad_packed_sequence(out)
+    ref_padded, _ = pad_packed_sequence(ref(packed)[0])
+    torch.testing.assert_close(padded, ref_padded)
+    assert lengths.tolist() == [6, 2, 4, 1]
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM", "GRUCell", "LSTMCell"])
+def test_empty_batch(mode):
+    ref, ours = getattr(nn, mode)(3, 4), getattr(fused_s2s, mode)(3, 4)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(0, 3) if mode.endswith("Cell") else torch.randn(5, 0, 3, requires_grad=True)
+    r, o = _flatten(ref(x)) if not mode.endswith("Cell") else ref(x), None
+    o = ours(x)
+    for a, b in zip(r if isinstance(r, (list, tuple)) else [r],
+                    _flatten(o) if not mode.endswith("Cell") else (o if isinstance(o, tuple) else [o])):
+        assert a.shape == b.shape
+    if not mode.endswith("Cell"):
+        _flatten(o)[0].sum().backward()
+        assert x.grad.shape == x.shape
+
+
+def test_dropout_between_layers():
+    torch.manual_seed(0)
+    gru = fused_s2s.GRU(3, 8, num_layers=2, dropout=0.5)
+    x = torch.randn(4, 2, 3)
+    gru.eval()
+    a, b = gru(x)[0], gru(x)[0]
+    assert torch.equal(a, b), "eval mode must be deterministic"
+    gru.train()
+    assert not torch.equal(gru(x)[0], a), "dropout must act between layers in training"
+
+
+def test_module_api_matches_nn():
+    ours, ref = fused_s2s.LSTM(3, 4, num_layers=2, bidirectional=True), nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    assert not isinstance(ours, nn.RNNBase)
+    for attr in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                 "bidirectional", "proj_size", "_flat_weights_names"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    assert [[tuple(p.shape) for p in layer] for layer in ours.all_weights] == \
+           [[tuple(p.shape) for p in layer] for layer in ref.all_weights]
+    ours.flatten_parameters()
+    with pytest.raises(ValueError, match="proj_size"):
+        fused_s2s.LSTM(3, 4, proj_size=2)
+
+
+# ------------------------------------------------------------------------------- attention
+
+def _naive_additive(q_lin, k_lin, v, query, keys, values, mask):
+    """The additive attention of the PyTorch tutorial / OpenNMT, written independently."""
+    q = q_lin(query).unsqueeze(-2) if query.dim() == 2 else q_lin(query).unsqueeze(2)
+    k = k_lin(keys) if query.dim() == 2 else k_lin(keys).unsqueeze(1)
+    scores = torch.tanh(q + k) @ v
+    if mask is not None:
+        m = mask if query.dim() == 2 else mask.unsqueeze(1)
+        scores = scores.masked_fill(~m, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return weights @ values if query.dim() == 3 else (weights.unsqueeze(1) @ values).squeeze(1), weights
+
+
+@pytest.mark.parametrize("backend,device,dtype", [p for p in parity_cases("additive_attention", [torch.float64])
+                                                  if p.values[1] == "cpu"])
+@pytest.mark.parametrize("query_dims", [2, 3])
+def test_bahdanau_matches_naive(backend, device, dtype, query_dims):
+    torch.manual_seed(0)
+    att = fused_s2s.BahdanauAttention(6, 5, 7, backend=backend).double()
+    query = torch.randn(3, 6, dtype=torch.float64) if query_dims == 2 else torch.randn(3, 2, 6, dtype=torch.float64)
+    keys = torch.randn(3, 4, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    ctx, w = att(query, keys, mask=mask)
+    ref_ctx, ref_w = _naive_additive(att.score.query_proj, att.score.key_proj, att.score.energy, query, keys, keys, mask)
+    torch.testing.assert_close(ctx, ref_ctx)
+    torch.testing.assert_close(w, ref_w)
+    proj = att.project_keys(keys)  # computed once, reused at every step
+    ctx2, _ = att(query, keys, mask=mask, proj_keys=proj)
+    torch.testing.assert_close(ctx2, ctx)
+
+
+def test_bahdanau_normalized_energy():
+    att = fused_s2s.BahdanauAttention(4, 4, 8, normalize=True).double()
+    v = att.score.energy_vector()
+    torch.testing.assert_close(v.norm(), att.score.energy_gain.abs())
+
+
+@pytest.mark.parametrize("score", ["dot", "general", "concat"])
+def test_luong_matches_naive(score):
+    torch.manual_seed(0)
+    att = fused_s2s.LuongAttention(5, 5, score=score, scale=0.5 if score == "dot" else None).double()
+    query, keys = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    values = torch.randn(2, 4, 3, dtype=torch.float64)
+    ctx, w = att(query, keys, values)
+    if score == "concat":
+        ref_ctx, ref_w = _naive_additive(att.score.query_proj, att.score.key_proj, att.score.energy,
+                                         query, keys, values, None)
+    else:
+        target = keys if score == "dot" else keys @ att.weight.t()  # e = q . W k
+        scores = query @ target.transpose(1, 2) * (0.5 if score == "dot" else 1.0)
+        ref_w = torch.softmax(scores, -1)
+        ref_ctx = ref_w @ values
+    torch.testing.assert_close(ctx, ref_ctx)
+    torch.testing.assert_close(w, ref_w)
+
+
+def test_attention_kv_batch_idx_shares_keys():
+    """Beams that read their source through kv_batch_idx equal beams with copied keys."""
+    torch.manual_seed(0)
+    att = fused_s2s.BahdanauAttention(4, 6, 8).double()
+    keys = torch.randn(2, 5, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    idx = torch.tensor([0, 0, 0, 1, 1, 1])
+    query = torch.randn(6, 4, dtype=torch.float64)
+    ctx, w = att(query, keys, mask=mask, kv_batch_idx=idx)
+    ref_ctx, ref_w = att(query, keys[idx], mask=mask[idx])
+    torch.testing.assert_close(ctx, ref_ctx)
+    torch.testing.assert_close(w, ref_w)
