@@ -10,12 +10,23 @@ over the whole sequence instead of per step.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .ops import call
+
+
+def _no_autocast(method):
+    """Run a Function's forward/backward with autocast off: the caller has already cast the
+    inputs to one dtype, and the primitives choose their own accumulation precision."""
+    @functools.wraps(method)
+    def wrapper(ctx, first, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return method(ctx, first, *args)
+    return wrapper
 
 
 def _steps(batch_sizes: Sequence[int], reverse: bool) -> List[Tuple[int, int]]:
@@ -37,6 +48,7 @@ class GRUFunction(torch.autograd.Function):
     """One GRU layer direction. Saves per step: h_prev (N,H) and the gates [r,z,n,gh_n] (N,4H)."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 batch_sizes: Tuple[int, ...], reverse: bool, backend: str) -> Tuple[Tensor, Tensor]:
         n_rows, hidden = gx.shape[0], h0.shape[1]
@@ -56,6 +68,7 @@ class GRUFunction(torch.autograd.Function):
         return out, h.clone() if h is h0 else h  # an output must not be an input
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, grad_out: Tensor, grad_h_n: Tensor):
         h_prev_all, saved_all, w_hh = ctx.saved_tensors
         batch_sizes, reverse, backend, has_bias = ctx.setup
@@ -80,6 +93,7 @@ class LSTMFunction(torch.autograd.Function):
     activated gates (N,4H); tanh(c_new) is recomputed in backward."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 batch_sizes: Tuple[int, ...], reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
         n_rows, hidden = gx.shape[0], h0.shape[1]
@@ -100,6 +114,7 @@ class LSTMFunction(torch.autograd.Function):
         return out, (h.clone() if h is h0 else h), (c.clone() if c is c0 else c)
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor):
         h_prev_all, c_prev_all, c_new_all, saved_all, w_hh = ctx.saved_tensors
         batch_sizes, reverse, backend, has_bias = ctx.setup
@@ -134,6 +149,7 @@ class AdditiveAttentionFunction(torch.autograd.Function):
     """Saves the inputs, the weights and the log-sum-exp; backward recomputes tanh(q + k)."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, q, k, v, values, mask, lengths, kv_batch_idx, backend):
         if _is_empty(q, k):  # nothing to attend to: zero context, weights of shape (Bq,Tq,Tk)
             ctx.empty = True
@@ -146,6 +162,7 @@ class AdditiveAttentionFunction(torch.autograd.Function):
         return context, weights
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, grad_context, grad_weights):
         if ctx.empty:
             return tuple(torch.zeros_like(t) for t in ctx.saved_tensors) + (None,) * 4
@@ -161,6 +178,7 @@ class DotAttentionFunction(torch.autograd.Function):
     """Saves the inputs, the weights and the log-sum-exp."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, q, k, values, mask, lengths, kv_batch_idx, scale, backend):
         if _is_empty(q, k):
             ctx.empty = True
@@ -173,6 +191,7 @@ class DotAttentionFunction(torch.autograd.Function):
         return context, weights
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, grad_context, grad_weights):
         if ctx.empty:
             return tuple(torch.zeros_like(t) for t in ctx.saved_tensors) + (None,) * 5

@@ -115,7 +115,7 @@ def _softmax_with_lse(scores: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
     """scores (Bq,Tq,Tk) in the accumulation dtype, valid (Bq,Tk) -> (weights, lse (Bq,Tq))."""
     s = scores.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf for a row with no valid position
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    safe = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)  # NaN/+inf propagate
     return torch.exp(s - safe[..., None]), lse
 
 

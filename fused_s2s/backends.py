@@ -124,19 +124,33 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve(requested: Optional[str], op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The name of the backend that runs `op` for tensors of this device/dtype."""
+# The kernels index with 32-bit offsets inside a tensor (cheaper address arithmetic); a call
+# with a larger tensor goes to `torch` under "auto" and is refused by name.
+MAX_KERNEL_ELEMENTS = 2**31 - 1
+
+
+def _call_reason(name: str, op: str, device: torch.device, dtype: torch.dtype, largest: int) -> Optional[str]:
+    if name != "torch" and largest > MAX_KERNEL_ELEMENTS:
+        return (f"a tensor of {largest} elements exceeds the {MAX_KERNEL_ELEMENTS} that the kernels "
+                "index with 32-bit offsets")
+    return unsupported_reason(name, op, device, dtype)
+
+
+def resolve(requested: Optional[str], op: str, device: torch.device, dtype: torch.dtype,
+            largest: int = 0) -> str:
+    """The name of the backend that runs `op` for tensors of this device/dtype, the largest
+    of which has `largest` elements."""
     name = _check_name(requested) if requested is not None else get_backend()
     if name != "auto":
-        reason = unsupported_reason(name, op, device, dtype)
+        reason = _call_reason(name, op, device, dtype, largest)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} cannot run {op} on {device.type}/{dtype}: {reason}")
         return name
     for candidate in AUTO_ORDER.get(device.type, ("torch",)):
-        reason = unsupported_reason(candidate, op, device, dtype)
+        reason = _call_reason(candidate, op, device, dtype, largest)
         if reason is None:
             return candidate
-        _warn_once(f"fused_s2s: backend {candidate!r} is not used for {device.type}/{dtype} ({reason}); "
+        _warn_once(f"fused_s2s: backend {candidate!r} not used ({reason}); "
                    f"'auto' falls back to {', '.join(AUTO_ORDER[device.type][1:]) or 'torch'}")
     return "torch"
 

@@ -55,8 +55,19 @@ def _check_index(name: str, t: Optional[Tensor], shape: Tuple[int, ...], device:
     return t
 
 
-def _pick(backend: Optional[str], op: str, t: Tensor) -> str:
-    return backends.resolve(backend, op, t.device, t.dtype)
+def _pick(backend: Optional[str], op: str, t: Tensor, largest: int) -> str:
+    """The backend for this call; `largest` is the element count of its largest tensor."""
+    return backends.resolve(backend, op, t.device, t.dtype, largest)
+
+
+def _autocast(*tensors):
+    """Under torch.autocast, the floating tensors cast to the autocast dtype (the casts are
+    differentiable, so float32 parameters still get float32 gradients); else unchanged."""
+    first = tensors[0]
+    if not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 # ----------------------------------------------------------------------------------- cells
@@ -115,18 +126,20 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
               backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One GRU layer direction over packed rows x (N, I) -> (output rows (N, H), h_n (B, H)).
     The arguments are those the modules have already checked."""
+    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
     gx = F.linear(x, w_ih, b_ih).contiguous()  # the input projection: one GEMM for all steps
     return GRUFunction.apply(gx, h0.contiguous(), w_hh.contiguous(), b_hh, tuple(batch_sizes),
-                             reverse, _pick(backend, "gru_cell", x))
+                             reverse, _pick(backend, "gru_cell", x, gx.numel()))
 
 
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, *,
                backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer direction over packed rows -> (output rows, h_n, c_n)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     gx = F.linear(x, w_ih, b_ih).contiguous()
     return LSTMFunction.apply(gx, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), b_hh,
-                              tuple(batch_sizes), reverse, _pick(backend, "lstm_cell", x))
+                              tuple(batch_sizes), reverse, _pick(backend, "lstm_cell", x, gx.numel()))
 
 
 # ------------------------------------------------------------------------------- attention
@@ -136,6 +149,8 @@ def _prepare_attention(query: Tensor, keys: Tensor, values: Tensor, mask, length
                        qname: str, kname: str):
     """Checks shared by both scores; returns 3-D query and normalised mask/lengths/index."""
     _check_tensor(qname, query, (2, 3))
+    if isinstance(keys, Tensor) and isinstance(values, Tensor):
+        query, keys, values = _autocast(query, keys, values)
     _check_tensor(kname, keys, (3,), query)
     _check_tensor("values", values, (3,), query)
     bk, tk = keys.shape[0], keys.shape[1]
@@ -154,7 +169,13 @@ def _prepare_attention(query: Tensor, keys: Tensor, values: Tensor, mask, length
         _require(mask.device == query.device, f"mask is on {mask.device} but {qname} is on {query.device}")
         mask = mask.contiguous()
     lengths = _check_index("lengths", lengths, (bk,), query.device, tk)
-    return q.contiguous(), keys.contiguous(), values.contiguous(), mask, lengths, kv_batch_idx
+    return q, keys, values, mask, lengths, kv_batch_idx
+
+
+def _attention_largest(q: Tensor, k: Tensor, values: Tensor) -> int:
+    """Elements in the largest tensor a call reads or writes (the weights are (Bq, Tq, Tk))."""
+    return max(q.numel(), k.numel(), values.numel(), q.shape[0] * q.shape[1] * k.shape[1],
+               q.shape[0] * k.shape[1] * max(k.shape[2], values.shape[2]))
 
 
 def additive_attention(q_proj: Tensor, k_proj: Tensor, v: Tensor, values: Tensor,
@@ -170,11 +191,14 @@ def additive_attention(q_proj: Tensor, k_proj: Tensor, v: Tensor, values: Tensor
     """
     q, k, vals, mask, lengths, kv_batch_idx = _prepare_attention(
         q_proj, k_proj, values, mask, lengths, kv_batch_idx, "q_proj", "k_proj")
-    _check_tensor("v", v, (1,), q_proj)
+    _check_tensor("v", v, (1,))
+    (v,) = _autocast(v)
+    _check_tensor("v", v, (1,), q)
     _require(q.shape[2] == k.shape[2] == v.shape[0],
              f"q_proj, k_proj and v must share the attention size, got {q.shape[2]}, {k.shape[2]}, {v.shape[0]}")
+    name = _pick(backend, "additive_attention", q, _attention_largest(q, k, vals))
     context, weights = AdditiveAttentionFunction.apply(
-        q, k, v.contiguous(), vals, mask, lengths, kv_batch_idx, _pick(backend, "additive_attention", q))
+        q.contiguous(), k.contiguous(), v.contiguous(), vals.contiguous(), mask, lengths, kv_batch_idx, name)
     return (context, weights) if q_proj.dim() == 3 else (context.squeeze(1), weights.squeeze(1))
 
 
@@ -187,6 +211,7 @@ def dot_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Te
         query, keys, values, mask, lengths, kv_batch_idx, "query", "keys")
     _require(q.shape[2] == k.shape[2], f"query and keys must share the feature size, got {q.shape[2]} and {k.shape[2]}")
     scale = 1.0 if scale is None else float(scale)
+    name = _pick(backend, "dot_attention", q, _attention_largest(q, k, vals))
     context, weights = DotAttentionFunction.apply(
-        q, k, vals, mask, lengths, kv_batch_idx, scale, _pick(backend, "dot_attention", q))
+        q.contiguous(), k.contiguous(), vals.contiguous(), mask, lengths, kv_batch_idx, scale, name)
     return (context, weights) if query.dim() == 3 else (context.squeeze(1), weights.squeeze(1))

@@ -146,13 +146,13 @@ class _RecurrentLayers(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
 
-    def _check_state(self, name: str, state: Tensor, x: Tensor, batch: int) -> None:
+    def _check_state(self, name: str, state: Tensor, x: Tensor, batch: int, autocast: bool) -> None:
         expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
         if not isinstance(state, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
         if tuple(state.shape) != expected:
             raise RuntimeError(f"Expected {name} size {expected}, got {tuple(state.shape)}")
-        if state.dtype != x.dtype or state.device != x.device:
+        if (state.dtype != x.dtype and not autocast) or state.device != x.device:
             raise RuntimeError(f"{name} must have the input's dtype and device ({x.dtype}, {x.device}), "
                                f"got ({state.dtype}, {state.device})")
 
@@ -181,11 +181,12 @@ class _RecurrentLayers(nn.Module):
         if not data.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got {data.dtype}")
         first = next(self.parameters())
-        if data.dtype != first.dtype or data.device != first.device:
+        autocast = torch.is_autocast_enabled(data.device.type)  # then dtypes may differ
+        if (data.dtype != first.dtype and not autocast) or data.device != first.device:
             raise RuntimeError(f"input ({data.dtype}, {data.device}) and parameters ({first.dtype}, "
                                f"{first.device}) must have the same dtype and device")
 
-        states = self._initial_states(hx, data, batch, batched)
+        states = self._initial_states(hx, data, batch, batched, autocast)
         if packed and input.sorted_indices is not None:  # states come in the caller's batch order
             states = [s.index_select(1, input.sorted_indices) for s in states]
 
@@ -204,7 +205,7 @@ class _RecurrentLayers(nn.Module):
                 final = [s.squeeze(1) for s in final]
         return output, (tuple(final) if self.has_cell_state else final[0])
 
-    def _initial_states(self, hx, data: Tensor, batch: int, batched: bool) -> List[Tensor]:
+    def _initial_states(self, hx, data: Tensor, batch: int, batched: bool, autocast: bool) -> List[Tensor]:
         names = ("h_0", "c_0") if self.has_cell_state else ("hx",)
         if hx is None:
             zeros = data.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
@@ -218,7 +219,7 @@ class _RecurrentLayers(nn.Module):
                 if s.dim() != 2:
                     raise RuntimeError(f"For unbatched 2-D input, {name} should also be 2-D but got {s.dim()}-D tensor")
                 s = s.unsqueeze(1)
-            self._check_state(name, s, data, batch)
+            self._check_state(name, s, data, batch, autocast)
             states.append(s)
         return states
 

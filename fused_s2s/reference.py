@@ -53,7 +53,8 @@ def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
     acc = torch.promote_types(scores.dtype, torch.float32)
     s = scores.to(acc).masked_fill(~valid, float("-inf"))
     row_max = s.amax(dim=-1, keepdim=True).detach()  # any constant works; detached keeps grads clean
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # only a row with no valid position (max -inf) is special; NaN and +inf propagate as in softmax
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     p = torch.exp(s - row_max)  # exp(-inf) = 0 at invalid positions
     denom = p.sum(dim=-1, keepdim=True)
     return (p / torch.where(denom > 0, denom, torch.ones_like(denom))).to(scores.dtype)

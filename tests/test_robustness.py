@@ -1,0 +1,173 @@
+"""Where users run models: autocast, determinism, NaN/Inf, huge sizes, and property-based
+checks of every backend against the reference over shapes, masks, dtypes and strides."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fused_s2s
+from fused_s2s import backends, reference
+from fused_s2s import functional as FS
+
+from conftest import DEVICES, parity_cases
+
+CPU_BACKENDS = sorted({p.values[0] for p in parity_cases("gru_cell", [torch.float32])
+                       if p.values[1] == "cpu" and not p.marks})
+
+
+def _autocast_cases():
+    cases = [pytest.param("cpu", torch.bfloat16, id="cpu-bf16")]
+    if torch.cuda.is_available():
+        cases += [pytest.param("cuda", t, marks=pytest.mark.gpu, id=f"cuda-{t}") for t in (torch.float16, torch.bfloat16)]
+    return cases
+
+
+@pytest.mark.parametrize("device,dtype", _autocast_cases())
+def test_autocast_runs_in_low_precision(device, dtype):
+    torch.manual_seed(0)
+    gru = fused_s2s.LSTM(8, 16, num_layers=2, bidirectional=True).to(device)
+    att = fused_s2s.BahdanauAttention(32, 32, 16).to(device)
+    x = torch.randn(7, 3, 8, device=device)
+
+    def run():
+        out, (h, c) = gru(x)
+        ctx, w = att(h[-2:].transpose(0, 1).reshape(3, 32), out.transpose(0, 1))
+        return out, ctx
+
+    ref_out, ref_ctx = run()
+    with torch.autocast(device, dtype=dtype):
+        out, ctx = run()
+    assert out.dtype == dtype and ctx.dtype == dtype
+    # a few bf16/fp16 roundings of O(1) values through two layers: well inside 5e-2
+    torch.testing.assert_close(out.float(), ref_out, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(ctx.float(), ref_ctx, atol=5e-2, rtol=5e-2)
+    (out.float().sum() + ctx.float().sum()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in gru.parameters())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deterministic_forward_backward(backend):
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            gru = fused_s2s.GRU(5, 9, bidirectional=True, backend=backend)
+            att = fused_s2s.LuongAttention(18, 18, score="general", backend=backend)
+            x = torch.randn(6, 4, 5)
+            out, _ = gru(x)
+            idx = torch.tensor([0, 0, 1, 2, 3, 3])
+            ctx, w = att(torch.randn(6, 18), out.transpose(0, 1), kv_batch_idx=idx)
+            (ctx.sum() + w.square().sum()).backward()
+            results.append([out, ctx] + [p.grad for p in gru.parameters()])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_and_inf_propagate_like_pytorch(backend):
+    q, k, values = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 3)
+    q[0, 1, 2] = float("nan")
+    k[1, 2, 0] = float("inf")
+    ours = FS.dot_attention(q, k, values, backend=backend)
+    ref = reference.dot_attention(q, k, values)
+    for a, b in zip(ours, ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        torch.testing.assert_close(a.nan_to_num(), b.nan_to_num())
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    x[1, 0] = float("nan")
+    w_ih, w_hh = torch.randn(12, 3), torch.randn(12, 4)
+    out = FS.gru_cell(x, h, w_ih, w_hh, backend=backend)
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+
+
+def test_huge_sizes_refused_by_kernels_not_overflowed():
+    """Tensors past 32-bit indexing: a kernel backend asked by name refuses with a clear
+    error (checked before any copy is made); "auto" would route them to `torch`."""
+    keys = torch.zeros(1, 1, 1).expand(1, 2**16, 2**15 + 1)  # 2^31 + 2^16 elements, no memory
+    q, v, values = torch.zeros(1, 2**15 + 1), torch.zeros(2**15 + 1), torch.zeros(1, 2**16, 1)
+    for name in ("cpp", "triton"):
+        with pytest.raises(fused_s2s.BackendUnavailable, match="32-bit|cannot load"):
+            FS.additive_attention(q, keys, v, values, backend=name)
+    assert backends.resolve("auto", "additive_attention", q.device, q.dtype, keys.numel()) == "torch"
+
+
+# ------------------------------------------------------------------ property-based tests
+
+PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+@st.composite
+def attention_problems(draw):
+    B = draw(st.integers(0, 4))
+    Tq = draw(st.integers(1, 3))
+    Tk = draw(st.integers(1, 9))
+    A = draw(st.integers(1, 20))
+    Dv = draw(st.integers(1, 6))
+    mask_kind = draw(st.sampled_from(["none", "mask", "lengths"]))
+    single = draw(st.booleans())
+    transposed_keys = draw(st.booleans())  # a non-contiguous layout
+    seed = draw(st.integers(0, 2**16))
+    return B, Tq, Tk, A, Dv, mask_kind, single, transposed_keys, seed
+
+
+def _attention_tensors(B, Tq, Tk, A, Dv, mask_kind, single, transposed_keys, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    q = r(B, A) if single else r(B, Tq, A)
+    k = r(Tk, B, A).transpose(0, 1) if transposed_keys else r(B, Tk, A)
+    mask = (torch.rand(B, Tk, generator=g) > 0.4) if mask_kind == "mask" else None
+    lengths = torch.randint(0, Tk + 1, (B,), generator=g) if mask_kind == "lengths" else None
+    return q, k, r(A), r(B, Tk, Dv), mask, lengths
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@PROPERTY_SETTINGS
+@given(problem=attention_problems(), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_attention_properties(backend, problem, dtype):
+    if backends.unsupported_reason(backend, "additive_attention", torch.device("cpu"), dtype):
+        return  # this backend does not take this dtype; the others do
+    q, k, v, values, mask, lengths = _attention_tensors(*problem, dtype=dtype)
+    for fn, ref_fn, args in ((FS.additive_attention, reference.additive_attention, (q, k, v, values)),
+                             (FS.dot_attention, reference.dot_attention, (q, k, values))):
+        ins = [t.detach().requires_grad_() for t in args]
+        ours = fn(*ins, mask, lengths=lengths, backend=backend)
+        ref = ref_fn(*[t.detach().double().requires_grad_() for t in args], mask, lengths=lengths)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b.to(dtype))
+        # weights are a distribution over valid positions (or all zero)
+        w = ours[1].detach()
+        sums = w.sum(-1)
+        assert torch.all(((sums - 1).abs() < 1e-4) | (sums == 0))
+        (ours[0].sum() + ours[1].sum()).backward()
+        assert all(torch.isfinite(t.grad).all() for t in ins)
+
+
+@st.composite
+def rnn_problems(draw):
+    return (draw(st.sampled_from(["GRU", "LSTM"])), draw(st.integers(0, 4)), draw(st.integers(1, 5)),
+            draw(st.integers(1, 6)), draw(st.integers(1, 12)), draw(st.integers(1, 2)), draw(st.booleans()),
+            draw(st.booleans()), draw(st.integers(0, 2**16)))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@PROPERTY_SETTINGS
+@given(problem=rnn_problems())
+def test_rnn_properties(backend, problem):
+    mode, B, T, I, H, layers, bidirectional, packed, seed = problem
+    torch.manual_seed(seed)
+    ref = getattr(torch.nn, mode)(I, H, num_layers=layers, bidirectional=bidirectional).double()
+    ours = getattr(fused_s2s, mode)(I, H, num_layers=layers, bidirectional=bidirectional, backend=backend).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    if packed and B > 0:
+        lengths = torch.randint(1, T + 1, (B,))
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    r, o = ref(x), ours(x)
+    r_out, o_out = (r[0].data, o[0].data) if packed and B > 0 else (r[0], o[0])
+    torch.testing.assert_close(o_out, r_out)
+    r_h, o_h = (r[1][0], o[1][0]) if mode == "LSTM" else (r[1], o[1])
+    torch.testing.assert_close(o_h, r_h)
