@@ -44,6 +44,16 @@ def _replace_rows(state: Tensor, head: Tensor) -> Tensor:
     return head if head.shape[0] == state.shape[0] else torch.cat([head, state[head.shape[0]:]])
 
 
+def _rows(parts: List[Tensor], in_row_order: bool, like: Tensor, width: int) -> Tensor:
+    """Per-step row blocks, collected in processing order, as one (N, width) tensor in row
+    order. Collecting and concatenating once costs one copy instead of one per step."""
+    if not parts:
+        return like.new_empty(0, width)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts if in_row_order else parts[::-1])
+
+
 class GRUFunction(torch.autograd.Function):
     """One GRU layer direction. Saves per step: h_prev (N,H) and the gates [r,z,n,gh_n] (N,4H)."""
 
@@ -51,20 +61,20 @@ class GRUFunction(torch.autograd.Function):
     @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 batch_sizes: Tuple[int, ...], reverse: bool, backend: str) -> Tuple[Tensor, Tensor]:
-        n_rows, hidden = gx.shape[0], h0.shape[1]
-        out = gx.new_empty(n_rows, hidden)
-        h_prev_all = gx.new_empty(n_rows, hidden)
-        saved_all = gx.new_empty(n_rows, 4 * hidden)
+        hidden = h0.shape[1]
+        outs, h_prevs, saveds = [], [], []
         h = h0
         for off, bs in _steps(batch_sizes, reverse):
             h_prev = h[:bs]
             h_new, saved = call("gru_cell_fwd", backend, gx[off:off + bs], h_prev, w_hh, b_hh)
-            out[off:off + bs] = h_new
-            h_prev_all[off:off + bs] = h_prev
-            saved_all[off:off + bs] = saved
+            outs.append(h_new)
+            h_prevs.append(h_prev)
+            saveds.append(saved)
             h = _replace_rows(h, h_new)
-        ctx.save_for_backward(h_prev_all, saved_all, w_hh)
+        in_order = not reverse
+        ctx.save_for_backward(_rows(h_prevs, in_order, gx, hidden), _rows(saveds, in_order, gx, 4 * hidden), w_hh)
         ctx.setup = (tuple(batch_sizes), reverse, backend, b_hh is not None)
+        out = torch.cat(outs if in_order else outs[::-1]) if outs else gx.new_empty(0, hidden)
         return out, h.clone() if h is h0 else h  # an output must not be an input
 
     @staticmethod
@@ -73,16 +83,17 @@ class GRUFunction(torch.autograd.Function):
         h_prev_all, saved_all, w_hh = ctx.saved_tensors
         batch_sizes, reverse, backend, has_bias = ctx.setup
         grad_out = grad_out.contiguous()
-        grad_gx = torch.zeros_like(saved_all[:, : 3 * w_hh.shape[1]])
-        grad_gh = torch.zeros_like(grad_gx)
+        d_gxs, d_ghs = [], []
         dh = grad_h_n.contiguous()
         for off, bs in reversed(_steps(batch_sizes, reverse)):
             g = dh[:bs] + grad_out[off:off + bs]
             d_gx, d_gh, dh_direct = call("gru_cell_bwd", backend, g, h_prev_all[off:off + bs],
                                          saved_all[off:off + bs])
-            grad_gx[off:off + bs] = d_gx
-            grad_gh[off:off + bs] = d_gh
+            d_gxs.append(d_gx)
+            d_ghs.append(d_gh)
             dh = _replace_rows(dh, torch.addmm(dh_direct, d_gh, w_hh))
+        gates = 3 * w_hh.shape[1]
+        grad_gx, grad_gh = _rows(d_gxs, reverse, saved_all, gates), _rows(d_ghs, reverse, saved_all, gates)
         grad_w_hh = grad_gh.t() @ h_prev_all if ctx.needs_input_grad[2] else None
         grad_b_hh = grad_gh.sum(0) if has_bias and ctx.needs_input_grad[3] else None
         return grad_gx, dh, grad_w_hh, grad_b_hh, None, None, None
@@ -96,21 +107,19 @@ class LSTMFunction(torch.autograd.Function):
     @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 batch_sizes: Tuple[int, ...], reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-        n_rows, hidden = gx.shape[0], h0.shape[1]
-        out = gx.new_empty(n_rows, hidden)
-        h_prev_all, c_prev_all, c_new_all = (gx.new_empty(n_rows, hidden) for _ in range(3))
-        saved_all = gx.new_empty(n_rows, 4 * hidden)
+        hidden = h0.shape[1]
+        outs, h_prevs, c_prevs, c_news, saveds = [], [], [], [], []
         h, c = h0, c0
         for off, bs in _steps(batch_sizes, reverse):
             h_new, c_new, saved = call("lstm_cell_fwd", backend, gx[off:off + bs], h[:bs], c[:bs], w_hh, b_hh)
-            out[off:off + bs] = h_new
-            h_prev_all[off:off + bs] = h[:bs]
-            c_prev_all[off:off + bs] = c[:bs]
-            c_new_all[off:off + bs] = c_new
-            saved_all[off:off + bs] = saved
+            for parts, t in ((outs, h_new), (h_prevs, h[:bs]), (c_prevs, c[:bs]), (c_news, c_new), (saveds, saved)):
+                parts.append(t)
             h, c = _replace_rows(h, h_new), _replace_rows(c, c_new)
-        ctx.save_for_backward(h_prev_all, c_prev_all, c_new_all, saved_all, w_hh)
+        in_order = not reverse
+        ctx.save_for_backward(*(_rows(p, in_order, gx, hidden) for p in (h_prevs, c_prevs, c_news)),
+                              _rows(saveds, in_order, gx, 4 * hidden), w_hh)
         ctx.setup = (tuple(batch_sizes), reverse, backend, b_hh is not None)
+        out = torch.cat(outs if in_order else outs[::-1]) if outs else gx.new_empty(0, hidden)
         return out, (h.clone() if h is h0 else h), (c.clone() if c is c0 else c)
 
     @staticmethod
@@ -119,16 +128,17 @@ class LSTMFunction(torch.autograd.Function):
         h_prev_all, c_prev_all, c_new_all, saved_all, w_hh = ctx.saved_tensors
         batch_sizes, reverse, backend, has_bias = ctx.setup
         grad_out = grad_out.contiguous()
-        grad_gates_all = torch.zeros_like(saved_all)
+        grad_gate_parts = []
         dh, dc = grad_h_n.contiguous(), grad_c_n.contiguous()
         for off, bs in reversed(_steps(batch_sizes, reverse)):
             rows = slice(off, off + bs)
             g_h = dh[:bs] + grad_out[rows]
             grad_gates, dc_prev = call("lstm_cell_bwd", backend, g_h, dc[:bs].contiguous(), c_prev_all[rows],
                                        c_new_all[rows], saved_all[rows])
-            grad_gates_all[rows] = grad_gates
+            grad_gate_parts.append(grad_gates)
             dh = _replace_rows(dh, grad_gates @ w_hh)
             dc = _replace_rows(dc, dc_prev)
+        grad_gates_all = _rows(grad_gate_parts, reverse, saved_all, saved_all.shape[1])
         grad_w_hh = grad_gates_all.t() @ h_prev_all if ctx.needs_input_grad[3] else None
         grad_b_hh = grad_gates_all.sum(0) if has_bias and ctx.needs_input_grad[4] else None
         return grad_gates_all, dh, dc, grad_w_hh, grad_b_hh, None, None, None
