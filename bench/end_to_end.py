@@ -1,0 +1,167 @@
+"""End to end: the demo model (fused_s2s.models.Seq2Seq), ours vs the same model in plain torch.nn.
+
+- train_step: teacher-forced forward, the padding-aware cross-entropy, backward (gradients
+  of every parameter; the optimizer step is the same for both and left out);
+- greedy_decode: encode, then T decoder steps taking the argmax (no early stop), no_grad.
+Both report target tokens per second (B * T / time).
+
+The plain twin has the same parameters: nn.GRU/nn.LSTM (cuDNN on CUDA) for the encoder,
+nn.GRUCell/nn.LSTMCell for the decoder, and the naive attention code of bench.attention.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import List, NamedTuple
+
+import torch
+from torch import nn
+
+from .attention import naive_additive, naive_dot
+from .harness import Case, Context, Impl, ours
+
+DTYPE = torch.float32
+
+
+class Config(NamedTuple):
+    name: str
+    cell: str
+    attention: str
+    B: int
+    S: int          # source length
+    T: int          # target length
+    E: int          # embedding size
+    H: int          # decoder hidden size (encoder: H/2 per direction)
+    layers: int
+    vocab: int
+
+
+CONFIGS = [Config("gru-bahdanau", "gru", "bahdanau", 64, 50, 50, 256, 512, 2, 1000),
+           Config("lstm-dot", "lstm", "dot", 64, 50, 50, 256, 512, 2, 1000)]
+QUICK_CONFIGS = [Config("gru-bahdanau", "gru", "bahdanau", 4, 6, 6, 16, 32, 1, 20),
+                 Config("lstm-dot", "lstm", "dot", 4, 6, 6, 16, 32, 2, 20)]
+
+
+class NaiveAttention(nn.Module):
+    """The model's attention layer computed by the naive code, on the same parameters."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def project_keys(self, keys):
+        return self.layer.project_keys(keys)
+
+    def forward(self, query, keys, values=None, mask=None, *, lengths=None, kv_batch_idx=None, proj_keys=None):
+        if lengths is not None or kv_batch_idx is not None:
+            raise NotImplementedError("the naive baseline takes a mask and one query row per source")
+        layer = self.layer
+        values = keys if values is None else values
+        proj_keys = self.project_keys(keys) if proj_keys is None else proj_keys
+        mask = torch.ones(keys.shape[:2], dtype=torch.bool, device=keys.device) if mask is None else mask
+        score = getattr(layer, "score", None)
+        if isinstance(score, nn.Module):  # additive: Bahdanau, or Luong "concat"
+            return naive_additive(score.query_proj(query), proj_keys, score.energy_vector(), values, mask)
+        if layer.score_name == "general":
+            query = query @ layer.weight
+        if layer.scale is not None:
+            query = query * layer.scale
+        return naive_dot(query, proj_keys, values, mask)
+
+
+def plain_twin(model: nn.Module) -> nn.Module:
+    """The same Seq2Seq with every fused module swapped for torch.nn (or naive) code."""
+    twin = copy.deepcopy(model)
+    rnn = twin.encoder.rnn
+    torch_rnn = {"GRU": nn.GRU, "LSTM": nn.LSTM}[type(rnn).__name__](
+        rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
+        dropout=rnn.dropout, bidirectional=rnn.bidirectional)
+    torch_rnn.load_state_dict(rnn.state_dict())
+    twin.encoder.rnn = torch_rnn
+    cells = []
+    for cell in twin.decoder.cells:
+        torch_cell = {"GRUCell": nn.GRUCell, "LSTMCell": nn.LSTMCell}[type(cell).__name__](
+            cell.input_size, cell.hidden_size, bias=cell.bias)
+        torch_cell.load_state_dict(cell.state_dict())
+        cells.append(torch_cell)
+    twin.decoder.cells = nn.ModuleList(cells)
+    twin.decoder.attention = NaiveAttention(twin.decoder.attention)
+    return twin.to(next(model.parameters()).device)
+
+
+def _inputs(cfg: Config):
+    def make(device, dtype, rg):
+        from fused_s2s.models import Seq2Seq
+        model = Seq2Seq(cfg.vocab, cfg.vocab, cfg.E, cfg.H, cfg.layers, cfg.cell, cfg.attention)
+        model = model.to(device=device, dtype=dtype)
+        lengths = torch.randint(math.ceil(cfg.S / 2), cfg.S + 1, (cfg.B,))
+        lengths[0] = cfg.S
+        src = torch.randint(4, cfg.vocab, (cfg.B, cfg.S))
+        src[torch.arange(cfg.S) >= lengths[:, None]] = 0  # PAD
+        tgt = torch.randint(4, cfg.vocab, (cfg.B, cfg.T + 1))
+        return dict(model=model, src=src.to(device), src_lengths=lengths.to(device),
+                    tgt_in=tgt[:, :-1].to(device), tgt_out=tgt[:, 1:].to(device))
+    return make
+
+
+def _train_step(model, d):
+    from fused_s2s.models import sequence_loss
+    model.train()
+    return (lambda: (sequence_loss(model(d["src"], d["src_lengths"], d["tgt_in"]), d["tgt_out"]),)), \
+        list(model.parameters())
+
+
+def _greedy(model, d, steps: int):
+    from fused_s2s.data import BOS
+    model.eval()
+
+    def decode():
+        memory, state = model.encode(d["src"], d["src_lengths"])
+        tokens = torch.full((d["src"].shape[0],), BOS, dtype=torch.long, device=d["src"].device)
+        out = []
+        for _ in range(steps):
+            logp, state, _ = model.decode_step(tokens, state, memory)
+            tokens = logp.argmax(-1)
+            out.append(tokens)
+        return (torch.stack(out, 1),)
+    return decode, []
+
+
+def _bind(cfg: Config, op: str, make_model):
+    def bind(d):
+        model = make_model(d["model"])
+        return _train_step(model, d) if op == "train_step" else _greedy(model, d, cfg.T)
+    return bind
+
+
+def _ours(cfg: Config, op: str):
+    def bind_backend(backend: str):
+        def make_model(base):
+            from fused_s2s.models import Seq2Seq
+            model = Seq2Seq(**base.config, backend=backend)
+            model.load_state_dict(base.state_dict())
+            p = next(base.parameters())
+            return model.to(device=p.device, dtype=p.dtype)
+        return _bind(cfg, op, make_model)
+    return bind_backend
+
+
+def cases(ctx: Context) -> List[Case]:
+    try:
+        import fused_s2s.models  # noqa: F401
+    except Exception:
+        return []  # the demo model is not part of this checkout yet
+    out = []
+    for cfg in (QUICK_CONFIGS if ctx.quick else CONFIGS):
+        for dtype in ctx.dtypes_for(DTYPE):
+            for op, passes in (("train_step", "fwd+bwd"), ("greedy_decode", "fwd")):
+                rnn_op = "gru_cell" if cfg.cell == "gru" else "lstm_cell"
+                attn_op = "additive_attention" if cfg.attention in ("bahdanau", "concat") else "dot_attention"
+                impls: List[Impl] = ours(ctx, (rnn_op, attn_op), dtype, _ours(cfg, op))
+                impls.append(Impl("plain torch.nn", _bind(cfg, op, plain_twin)))
+                out.append(Case(
+                    family="end_to_end", op=op,
+                    config=dict(cfg=cfg.name, B=cfg.B, S=cfg.S, T=cfg.T, E=cfg.E, H=cfg.H, L=cfg.layers),
+                    dtype=dtype, passes=passes, make_inputs=_inputs(cfg), impls=impls,
+                    unit=("tokens", cfg.B * cfg.T), rotate=False))
+    return out

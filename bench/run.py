@@ -1,0 +1,168 @@
+"""The fused_s2s benchmark runner.
+
+    python -m bench                          # everything, on CUDA when present
+    python -m bench --filter attention --graphs --plot
+    python -m bench --device cpu --quick     # small configs (what CI runs)
+    python bench/run.py --list               # the case ids, without running
+
+Writes <out>/<date>-<device>.json (environment, roofline, every measurement, the rows) and
+.md (one table per op); with --plot, a .png of the speed-ups.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
+
+import torch  # noqa: E402
+
+from bench import attention, cells, end_to_end, layers, report  # noqa: E402
+from bench.harness import (DTYPES, Case, Compiler, Context, Result, Settings, copy_bandwidth, device_slug,  # noqa: E402
+                           dtype_name, environment, input_sets, matmul_rate, now_date, run_impl, short_reason)
+from bench.report import fmt_time  # noqa: E402
+
+FAMILIES = {"cells": cells, "layers": layers, "attention": attention, "end_to_end": end_to_end}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--filter", default=None,
+                   help="regular expression searched in each case id, e.g. 'cells/gru_cell/B=64' or 'attention|layers'")
+    p.add_argument("--family", default=",".join(FAMILIES), help=f"comma-separated subset of {', '.join(FAMILIES)}")
+    p.add_argument("--dtype", default="config",
+                   help="'config' (each config's own dtype, as the issue lists them) or a comma-separated "
+                        f"list of {', '.join(DTYPES)} replacing it")
+    p.add_argument("--backends", default="torch,cpp,triton", help="our backends to measure (those present)")
+    p.add_argument("--quick", action="store_true", help="small configs and short timing (CPU, CI)")
+    p.add_argument("--graphs", action="store_true", help="also time per-step rows inside CUDA graphs")
+    p.add_argument("--compile", choices=("dynamic", "static", "off"), default="dynamic",
+                   help="torch.compile for the compiled baselines: one dynamic-shape compile per function "
+                        "(default), one per shape, or off")
+    p.add_argument("--budget-ms", type=float, default=None, help="timed calls per measurement, in ms (default 100; quick 10)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run; the cases left when it runs out are recorded as not measured")
+    p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder")
+    p.add_argument("--name", default=None, help="file name stem (default <date>-<device>[-quick])")
+    p.add_argument("--plot", action="store_true", help="write a PNG chart of the speed-ups")
+    p.add_argument("--list", action="store_true", help="print the case ids and exit")
+    return p.parse_args(argv)
+
+
+def build_cases(args: argparse.Namespace, ctx: Context) -> List[Case]:
+    out: List[Case] = []
+    for name in args.family.split(","):
+        if name not in FAMILIES:
+            raise SystemExit(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
+        out += FAMILIES[name].cases(ctx)
+    if args.filter:
+        rx = re.compile(args.filter)
+        out = [c for c in out if rx.search(c.id)]
+    return out
+
+
+def not_run(case: Case, why: str) -> List[Result]:
+    return [Result(impl.name, impl.ours, skip=impl.skip or why) for impl in case.impls]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available here")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    from fused_s2s import backends
+    requested = [b for b in args.backends.split(",") if b]
+    status = backends.available()
+    backend_notes = {b: status.get(b, "unknown backend") for b in requested}
+    dtypes = None if args.dtype == "config" else [DTYPES[d] for d in args.dtype.split(",")]
+    ctx = Context(device=device, compiler=Compiler(args.compile), quick=args.quick, dtypes=dtypes,
+                  backends=[b for b in requested if backend_notes[b] is None])
+    cases = build_cases(args, ctx)
+    if args.list:
+        for c in cases:
+            print(c.id + ("  [step]" if c.step else ""))
+        return {}
+
+    budget_ms = args.budget_ms if args.budget_ms is not None else (10.0 if args.quick else 100.0)
+    settings = Settings(device, budget_ms=budget_ms, warmup_ms=budget_ms / 4,
+                        min_reps=3 if args.quick else 10)
+    t_start = time.time()
+    env = environment(device)
+    _log(f"device: {env.get('device')}; backends: "
+         + ", ".join(f"{b}={'ok' if w is None else 'not run: ' + w}" for b, w in backend_notes.items()))
+    roofline = {"copy_bytes_per_s": copy_bandwidth(device, args.quick), "matmul_flops_per_s": {}}
+    for dt in sorted({c.dtype for c in cases}, key=str):
+        roofline["matmul_flops_per_s"][dtype_name(dt)] = matmul_rate(device, dt, args.quick)
+    _log(f"copy {roofline['copy_bytes_per_s'] / 1e9:.4g} GB/s; matmul "
+         + ", ".join(f"{k} {v / 1e12:.4g} TFLOP/s" for k, v in roofline["matmul_flops_per_s"].items()))
+
+    measurements = []
+    timing = "events" if device.type == "cuda" else "wall"
+    for i, case in enumerate(cases):
+        if args.time_budget is not None and time.time() - t_start > args.time_budget:
+            why = f"time budget of {args.time_budget:g} s spent"
+            measurements.append(report.measurement(case, timing, not_run(case, why)))
+            continue
+        try:
+            sets = input_sets(case, settings)
+        except Exception as e:  # e.g. OOM making the inputs
+            sets, why = None, f"inputs: {short_reason(e)}"
+        modes = [(timing, False)] + ([("graph", True)] if args.graphs and case.step and device.type == "cuda" else [])
+        for mode, graph in modes:
+            if sets is None:
+                results = not_run(case, why)
+            else:
+                expected: List[Any] = []
+                results = [run_impl(case, impl, sets, settings, graph, None if graph else expected)
+                           for impl in case.impls]
+                del expected
+            measurements.append(report.measurement(case, mode, results))
+            _log(f"[{i + 1}/{len(cases)}] {case.id} {mode}: " + "; ".join(
+                f"{r.impl} {fmt_time(r.ms) if r.ms is not None else 'skip (' + (r.skip or '')[:60] + ')'}"
+                for r in results))
+        del sets
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    settings_out = dict(budget_ms=budget_ms, graphs=args.graphs, compile=args.compile, quick=args.quick,
+                        dtype=args.dtype, filter=args.filter, family=args.family,
+                        rotate_inputs_in_l2=settings.rotate, graph_steps=settings.graph_steps,
+                        seconds=round(time.time() - t_start, 1))
+    data = dict(schema=1, environment=env, settings=settings_out, backends=backend_notes, roofline=roofline,
+                measurements=measurements, rows=report.rows(measurements, roofline))
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, args.name or f"{now_date()}-{device_slug(env)}{'-quick' if args.quick else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(report.markdown(data))
+    written = [stem + ".json", stem + ".md"]
+    if args.plot:
+        try:
+            report.plot(data, stem + ".png")
+            written.append(stem + ".png")
+        except Exception as e:
+            _log(f"plot not written: {short_reason(e)}")
+    _log(f"{len(data['rows'])} rows in {settings_out['seconds']} s; wrote " + ", ".join(written))
+    return data
+
+
+if __name__ == "__main__":
+    main()
