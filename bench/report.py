@@ -55,6 +55,7 @@ def rows(measurements: List[Dict[str, Any]], roofline: Dict[str, Any]) -> List[D
                        best_baseline=best["impl"] if best else None,
                        speedup=best["ms"] / r["ms"] if best else None,
                        speedups={b["impl"]: b["ms"] / r["ms"] for b in timed},
+                       max_abs_diff={x["impl"]: x["max_abs_diff"] for x in results if x["max_abs_diff"] is not None},
                        peak_mib={x["impl"]: x["peak_bytes"] / 2 ** 20 for x in results if x["peak_bytes"] is not None},
                        **_roof(m, r["ms"], roofline))
             if m["unit"]:
@@ -157,6 +158,18 @@ def markdown(data: Dict[str, Any]) -> str:
             if r["skip"] and r["skip"] != "OOM":
                 key = (m["family"], m["op"], r["impl"], r["skip"])
                 notes[key] = notes.get(key, 0) + 1
+    diffs: "OrderedDict[Any, float]" = OrderedDict()
+    for m in data["measurements"]:
+        for r in m["results"]:
+            if r.get("max_abs_diff") is not None:
+                key = (m["family"], m["op"], m["dtype"], r["impl"])
+                diffs[key] = max(diffs.get(key, 0.0), r["max_abs_diff"])
+    if diffs:
+        lines += ["## Output check", "",
+                  "Largest |difference| of each implementation's outputs from the first one's on the same "
+                  "inputs (a row never compares different computations unnoticed):", ""]
+        lines += [f"- {f}/{op} {dt}: {impl} {d:.3g}" for (f, op, dt, impl), d in diffs.items()]
+        lines.append("")
     if notes or skipped:
         lines += ["## Not measured", ""]
         for (family, op, impl, why), n in notes.items():
