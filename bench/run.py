@@ -71,6 +71,32 @@ def build_cases(args: argparse.Namespace, ctx: Context) -> List[Case]:
     return out
 
 
+def measure_case(case: Case, settings: Settings, timing: str, graphs: bool, tag: str) -> List[Dict[str, Any]]:
+    """Every implementation of one case, timed one way or two (CUDA graphs for per-step rows)."""
+    out = []
+    try:
+        sets = input_sets(case, settings)
+    except Exception as e:  # e.g. OOM making the inputs
+        sets, why = None, f"inputs: {short_reason(e)}"
+    modes = [(timing, False)] + ([("graph", True)] if graphs and case.step and settings.device.type == "cuda" else [])
+    for mode, graph in modes:
+        if sets is None:
+            results = not_run(case, why)
+        else:
+            expected: List[Any] = []
+            results = [run_impl(case, impl, sets, settings, graph, None if graph else expected)
+                       for impl in case.impls]
+            del expected
+        out.append(report.measurement(case, mode, results))
+        _log(f"{tag} {case.id} {mode}: " + "; ".join(
+            f"{r.impl} {fmt_time(r.ms) if r.ms is not None else 'skip (' + (r.skip or '')[:60] + ')'}"
+            for r in results))
+    del sets
+    if settings.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def not_run(case: Case, why: str) -> List[Result]:
     return [Result(impl.name, impl.ours, skip=impl.skip or why) for impl in case.impls]
 
@@ -113,33 +139,31 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     _log(f"copy {roofline['copy_bytes_per_s'] / 1e9:.4g} GB/s; matmul "
          + ", ".join(f"{k} {v / 1e12:.4g} TFLOP/s" for k, v in roofline["matmul_flops_per_s"].items()))
 
-    measurements = []
+    measurements: List[Dict[str, Any]] = []
     timing = "events" if device.type == "cuda" else "wall"
+    families = list(dict.fromkeys(c.family for c in cases))
+    stop: Optional[str] = None
+    family_deadline: Dict[str, float] = {}
     for i, case in enumerate(cases):
-        if args.time_budget is not None and time.time() - t_start > args.time_budget:
-            why = f"time budget of {args.time_budget:g} s spent"
-            measurements.append(report.measurement(case, timing, not_run(case, why)))
+        if stop is None and args.time_budget is not None:
+            if case.family not in family_deadline:
+                # each family gets an equal share of what is left, so a cut run has rows of each
+                left = args.time_budget - (time.time() - t_start)
+                later = len(families) - families.index(case.family)
+                family_deadline[case.family] = time.time() + left / later
+            if time.time() > family_deadline[case.family]:
+                measurements.append(report.measurement(
+                    case, timing, not_run(case, f"time budget of {args.time_budget:g} s spent")))
+                continue
+        if stop is not None:
+            measurements.append(report.measurement(case, timing, not_run(case, stop)))
             continue
         try:
-            sets = input_sets(case, settings)
-        except Exception as e:  # e.g. OOM making the inputs
-            sets, why = None, f"inputs: {short_reason(e)}"
-        modes = [(timing, False)] + ([("graph", True)] if args.graphs and case.step and device.type == "cuda" else [])
-        for mode, graph in modes:
-            if sets is None:
-                results = not_run(case, why)
-            else:
-                expected: List[Any] = []
-                results = [run_impl(case, impl, sets, settings, graph, None if graph else expected)
-                           for impl in case.impls]
-                del expected
-            measurements.append(report.measurement(case, mode, results))
-            _log(f"[{i + 1}/{len(cases)}] {case.id} {mode}: " + "; ".join(
-                f"{r.impl} {fmt_time(r.ms) if r.ms is not None else 'skip (' + (r.skip or '')[:60] + ')'}"
-                for r in results))
-        del sets
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            measurements += measure_case(case, settings, timing, args.graphs, f"[{i + 1}/{len(cases)}]")
+        except KeyboardInterrupt:  # e.g. a time limit around the run: keep what was measured
+            stop = "interrupted"
+            measurements.append(report.measurement(case, timing, not_run(case, stop)))
+            _log("interrupted: writing the results measured so far")
 
     settings_out = dict(budget_ms=budget_ms, graphs=args.graphs, compile=args.compile, quick=args.quick,
                         dtype=args.dtype, filter=args.filter, family=args.family,
