@@ -180,7 +180,9 @@ class Compiler:
         if fn not in self._cache:
             if self.mode == "static":
                 import torch._dynamo as dynamo
-                dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
+                # one compile per shape: raise the recompile limit (renamed in torch 2.6)
+                name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+                setattr(dynamo.config, name, max(getattr(dynamo.config, name), 256))
             self._cache[fn] = torch.compile(fn, dynamic=(self.mode == "dynamic"))
         return self._cache[fn]
 
