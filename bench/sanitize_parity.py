@@ -146,6 +146,7 @@ def _fwd_bwd(run: Run, d: Dict[str, Tensor], backend: Optional[str]) -> List[Ten
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backends", default=",".join(backends.NAMES), help="comma-separated (default: all present)")
     p.add_argument("--dtypes", default=None, help="comma-separated (default: float32,bfloat16 on CUDA; float32 on CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -154,6 +155,8 @@ def main(argv=None) -> int:
 
     failures, checks, skipped = 0, 0, 0
     for backend, why in backends.available().items():
+        if backend not in args.backends.split(","):
+            continue
         if why is not None:
             print(f"SKIP {backend}: {why}")
             continue
