@@ -66,10 +66,12 @@ def naive_dot(q, k, values, mask):
 
 
 def sdpa_dot(q, k, values, mask):
-    """F.scaled_dot_product_attention with scale 1 (Luong "dot"); context only."""
+    """F.scaled_dot_product_attention with scale 1 (Luong "dot"); context only. Inputs go in as
+    (B, 1 head, T, D): the fused SDPA kernels take 4-D tensors only (3-D falls back to the math path)."""
     single = q.dim() == 2
-    q3 = q.unsqueeze(1) if single else q
-    context = TF.scaled_dot_product_attention(q3, k, values, attn_mask=mask.unsqueeze(1), scale=1.0)
+    q4 = (q.unsqueeze(1) if single else q).unsqueeze(1)
+    context = TF.scaled_dot_product_attention(q4, k.unsqueeze(1), values.unsqueeze(1),
+                                              attn_mask=mask[:, None, None, :], scale=1.0).squeeze(1)
     return context.squeeze(1) if single else context
 
 

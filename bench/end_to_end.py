@@ -86,7 +86,8 @@ def plain_twin(model: nn.Module) -> nn.Module:
         cells.append(torch_cell)
     twin.decoder.cells = nn.ModuleList(cells)
     twin.decoder.attention = NaiveAttention(twin.decoder.attention)
-    return twin.to(next(model.parameters()).device)
+    p = next(model.parameters())
+    return twin.to(device=p.device, dtype=p.dtype)
 
 
 def _inputs(cfg: Config):
