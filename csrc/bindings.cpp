@@ -1,0 +1,323 @@
+// The Python module fused_s2s._C: the eight primitives of the kernel contract
+// (fused_s2s/backend_torch.py), their argument checks, and dispatch to the CPU kernels
+// (csrc/cpu) or the CUDA launchers (csrc/cuda, when compiled WITH_CUDA).
+//
+// Every check names the primitive and the argument; a failure is a Python ValueError (shape,
+// device, layout, index range) or TypeError (dtype), never a crash.
+#include <torch/csrc/utils/pybind.h>
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+
+namespace fused_s2s {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr bool kHasCuda =
+#ifdef WITH_CUDA
+    true;
+#else
+    false;
+#endif
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kBool: return "bool";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    default: return c10::toString(t);
+  }
+}
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
+  s << (sizes.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+bool dtype_supported(const at::Device& device, at::ScalarType t) {
+  if (device.is_cpu()) return t == at::kFloat || t == at::kDouble;
+  if (device.is_cuda()) return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  return false;
+}
+
+// The checks of one call. The first floating tensor fixes the device and dtype of the call;
+// every other tensor must be on that device, with the dtype its role requires.
+class Args {
+ public:
+  Args(const char* op, const Tensor& first, const char* first_name) : op_(op), first_name_(first_name) {
+    device_ = first.device();
+    dtype_ = first.scalar_type();
+    TORCH_CHECK_VALUE(device_.is_cpu() || device_.is_cuda(), op_, ": ", first_name_,
+                      " must be a CPU or CUDA tensor, got device ", device_.str());
+    TORCH_CHECK_VALUE(!device_.is_cuda() || kHasCuda, op_, ": ", first_name_,
+                      " is a CUDA tensor but fused_s2s._C was built without CUDA kernels");
+    TORCH_CHECK_TYPE(dtype_supported(device_, dtype_), op_, ": ", first_name_, " has dtype ",
+                     dtype_name(dtype_), ", not supported on ", device_.type() == at::kCPU ? "CPU" : "CUDA",
+                     device_.is_cpu() ? " (float32, float64)" : " (float32, float16, bfloat16)");
+  }
+
+  // A floating tensor of the call's dtype with exactly this shape.
+  void floating(const Tensor& t, const char* name, at::IntArrayRef shape) const {
+    common(t, name);
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype_, op_, ": ", name, " must have dtype ", dtype_name(dtype_),
+                     " like ", first_name_, ", got ", dtype_name(t.scalar_type()));
+    this->shape(t, name, shape);
+  }
+
+  // A tensor of a fixed dtype (the lse's accumulation dtype, bool mask, int64 indices).
+  void fixed(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) const {
+    common(t, name);
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op_, ": ", name, " must have dtype ", dtype_name(dtype),
+                     ", got ", dtype_name(t.scalar_type()));
+    this->shape(t, name, shape);
+  }
+
+  void dim(const Tensor& t, const char* name, int64_t rank) const {
+    TORCH_CHECK_VALUE(t.dim() == rank, op_, ": ", name, " must be ", rank, "-D, got shape ",
+                      shape_str(t.sizes()));
+  }
+
+  // kv_batch_idx must index key rows: [0, bk). Costs a device sync on CUDA.
+  void index_range(const Tensor& idx, const char* name, int64_t bk) const {
+    if (idx.numel() == 0) return;
+    const Tensor cpu_idx = idx.is_cpu() ? idx : idx.to(at::kCPU);
+    const int64_t* p = cpu_idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < cpu_idx.numel(); ++i) {
+      TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < bk, op_, ": ", name, "[", i, "] = ", p[i],
+                        " is not a key row index in [0, ", bk, ")");
+    }
+  }
+
+  const char* op() const { return op_; }
+  at::ScalarType dtype() const { return dtype_; }
+  at::Device device() const { return device_; }
+  // float32 for float32/float16/bfloat16, float64 for float64 (the contract's lse dtype)
+  at::ScalarType acc_dtype() const { return dtype_ == at::kDouble ? at::kDouble : at::kFloat; }
+
+ private:
+  void common(const Tensor& t, const char* name) const {
+    TORCH_CHECK_VALUE(t.defined(), op_, ": ", name, " is undefined");
+    TORCH_CHECK_VALUE(t.device() == device_, op_, ": ", name, " must be on ", device_.str(), " like ",
+                      first_name_, ", got ", t.device().str());
+    TORCH_CHECK_VALUE(t.is_contiguous(), op_, ": ", name, " must be contiguous");
+  }
+
+  void shape(const Tensor& t, const char* name, at::IntArrayRef shape) const {
+    TORCH_CHECK_VALUE(t.sizes() == shape, op_, ": ", name, " must have shape ", shape_str(shape),
+                      ", got ", shape_str(t.sizes()));
+  }
+
+  const char* op_;
+  const char* first_name_;
+  at::Device device_ = at::kCPU;
+  at::ScalarType dtype_;
+};
+
+// ------------------------------------------------------------------------------------ cells
+
+std::tuple<Tensor, Tensor> gru_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& w_hh,
+                                        const OptTensor& b_hh) {
+  const Args args("gru_cell_fwd", h, "h");
+  args.dim(h, "h", 2);
+  const int64_t B = h.size(0), H = h.size(1);
+  args.floating(h, "h", {B, H});
+  args.floating(gx, "gx", {B, 3 * H});
+  args.floating(w_hh, "w_hh", {3 * H, H});
+  if (b_hh) args.floating(*b_hh, "b_hh", {3 * H});
+#ifdef WITH_CUDA
+  if (args.device().is_cuda()) return cuda::gru_cell_fwd(gx, h, w_hh, b_hh);
+#endif
+  return cpu::gru_cell_fwd(gx, h, w_hh, b_hh);
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_cell_bwd(const Tensor& grad_h_new, const Tensor& h,
+                                                const Tensor& saved) {
+  const Args args("gru_cell_bwd", h, "h");
+  args.dim(h, "h", 2);
+  const int64_t B = h.size(0), H = h.size(1);
+  args.floating(h, "h", {B, H});
+  args.floating(grad_h_new, "grad_h_new", {B, H});
+  args.floating(saved, "saved", {B, 4 * H});
+#ifdef WITH_CUDA
+  if (args.device().is_cuda()) return cuda::gru_cell_bwd(grad_h_new, h, saved);
+#endif
+  return cpu::gru_cell_bwd(grad_h_new, h, saved);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& c,
+                                                 const Tensor& w_hh, const OptTensor& b_hh) {
+  const Args args("lstm_cell_fwd", h, "h");
+  args.dim(h, "h", 2);
+  const int64_t B = h.size(0), H = h.size(1);
+  args.floating(h, "h", {B, H});
+  args.floating(gx, "gx", {B, 4 * H});
+  args.floating(c, "c", {B, H});
+  args.floating(w_hh, "w_hh", {4 * H, H});
+  if (b_hh) args.floating(*b_hh, "b_hh", {4 * H});
+#ifdef WITH_CUDA
+  if (args.device().is_cuda()) return cuda::lstm_cell_fwd(gx, h, c, w_hh, b_hh);
+#endif
+  return cpu::lstm_cell_fwd(gx, h, c, w_hh, b_hh);
+}
+
+std::tuple<Tensor, Tensor> lstm_cell_bwd(const Tensor& grad_h_new, const Tensor& grad_c_new,
+                                         const Tensor& c, const Tensor& c_new, const Tensor& saved) {
+  const Args args("lstm_cell_bwd", c, "c");
+  args.dim(c, "c", 2);
+  const int64_t B = c.size(0), H = c.size(1);
+  args.floating(c, "c", {B, H});
+  args.floating(grad_h_new, "grad_h_new", {B, H});
+  args.floating(grad_c_new, "grad_c_new", {B, H});
+  args.floating(c_new, "c_new", {B, H});
+  args.floating(saved, "saved", {B, 4 * H});
+#ifdef WITH_CUDA
+  if (args.device().is_cuda()) return cuda::lstm_cell_bwd(grad_h_new, grad_c_new, c, c_new, saved);
+#endif
+  return cpu::lstm_cell_bwd(grad_h_new, grad_c_new, c, c_new, saved);
+}
+
+// -------------------------------------------------------------------------------- attention
+
+// Shapes shared by the attention primitives, read from q (Bq, Tq, D) and k (Bk, Tk, Dk).
+struct AttnShape {
+  int64_t bq, tq, d, bk, tk, dv;
+};
+
+AttnShape check_attention(const Args& args, const Tensor& q, const Tensor& k, const Tensor& values,
+                          const OptTensor& mask, const OptTensor& lengths,
+                          const OptTensor& kv_batch_idx) {
+  args.dim(q, "q", 3);
+  args.dim(k, "k", 3);
+  args.dim(values, "values", 3);
+  AttnShape s{q.size(0), q.size(1), q.size(2), k.size(0), k.size(1), values.size(2)};
+  args.floating(q, "q", {s.bq, s.tq, s.d});
+  args.floating(k, "k", {s.bk, s.tk, s.d});
+  args.floating(values, "values", {s.bk, s.tk, s.dv});
+  if (mask) args.fixed(*mask, "mask", at::kBool, {s.bk, s.tk});
+  if (lengths) args.fixed(*lengths, "lengths", at::kLong, {s.bk});
+  if (kv_batch_idx) {
+    args.fixed(*kv_batch_idx, "kv_batch_idx", at::kLong, {s.bq});
+    args.index_range(*kv_batch_idx, "kv_batch_idx", s.bk);
+  } else {
+    TORCH_CHECK_VALUE(s.bq == s.bk, args.op(), ": q has ", s.bq, " rows and k has ", s.bk,
+                      " rows: without kv_batch_idx they must be equal");
+  }
+  return s;
+}
+
+void check_attention_bwd(const Args& args, const AttnShape& s, const Tensor& grad_context,
+                         const Tensor& grad_weights, const Tensor& weights, const Tensor& lse) {
+  args.floating(grad_context, "grad_context", {s.bq, s.tq, s.dv});
+  args.floating(grad_weights, "grad_weights", {s.bq, s.tq, s.tk});
+  args.floating(weights, "weights", {s.bq, s.tq, s.tk});
+  args.fixed(lse, "lse", args.acc_dtype(), {s.bq, s.tq});
+}
+
+std::tuple<Tensor, Tensor, Tensor> additive_attention_fwd(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& values, const OptTensor& mask,
+    const OptTensor& lengths, const OptTensor& kv_batch_idx) {
+  const Args args("additive_attention_fwd", q, "q");
+  const AttnShape s = check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
+  args.floating(v, "v", {s.d});
+#ifdef WITH_CUDA
+  if (args.device().is_cuda())
+    return cuda::additive_attention_fwd(q, k, v, values, mask, lengths, kv_batch_idx);
+#endif
+  return cpu::additive_attention_fwd(q, k, v, values, mask, lengths, kv_batch_idx);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_bwd(
+    const Tensor& grad_context, const Tensor& grad_weights, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& values, const OptTensor& mask, const OptTensor& lengths,
+    const OptTensor& kv_batch_idx, const Tensor& weights, const Tensor& lse) {
+  const Args args("additive_attention_bwd", q, "q");
+  const AttnShape s = check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
+  args.floating(v, "v", {s.d});
+  check_attention_bwd(args, s, grad_context, grad_weights, weights, lse);
+#ifdef WITH_CUDA
+  if (args.device().is_cuda())
+    return cuda::additive_attention_bwd(grad_context, grad_weights, q, k, v, values, mask, lengths,
+                                        kv_batch_idx, weights, lse);
+#endif
+  return cpu::additive_attention_bwd(grad_context, grad_weights, q, k, v, values, mask, lengths,
+                                     kv_batch_idx, weights, lse);
+}
+
+std::tuple<Tensor, Tensor, Tensor> dot_attention_fwd(
+    const Tensor& q, const Tensor& k, const Tensor& values, const OptTensor& mask,
+    const OptTensor& lengths, const OptTensor& kv_batch_idx, double scale) {
+  const Args args("dot_attention_fwd", q, "q");
+  check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
+#ifdef WITH_CUDA
+  if (args.device().is_cuda())
+    return cuda::dot_attention_fwd(q, k, values, mask, lengths, kv_batch_idx, scale);
+#endif
+  return cpu::dot_attention_fwd(q, k, values, mask, lengths, kv_batch_idx, scale);
+}
+
+std::tuple<Tensor, Tensor, Tensor> dot_attention_bwd(
+    const Tensor& grad_context, const Tensor& grad_weights, const Tensor& q, const Tensor& k,
+    const Tensor& values, const OptTensor& mask, const OptTensor& lengths,
+    const OptTensor& kv_batch_idx, double scale, const Tensor& weights, const Tensor& lse) {
+  const Args args("dot_attention_bwd", q, "q");
+  const AttnShape s = check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
+  check_attention_bwd(args, s, grad_context, grad_weights, weights, lse);
+#ifdef WITH_CUDA
+  if (args.device().is_cuda())
+    return cuda::dot_attention_bwd(grad_context, grad_weights, q, k, values, mask, lengths,
+                                   kv_batch_idx, scale, weights, lse);
+#endif
+  return cpu::dot_attention_bwd(grad_context, grad_weights, q, k, values, mask, lengths,
+                                kv_batch_idx, scale, weights, lse);
+}
+
+}  // namespace
+}  // namespace fused_s2s
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using namespace fused_s2s;
+  m.doc() = "fused_s2s kernels: the eight primitives of the kernel contract (see "
+            "fused_s2s.backend_torch), on CPU tensors and, when has_cuda, on CUDA tensors.";
+  m.attr("has_cuda") = py::bool_(kHasCuda);
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("gru_cell_fwd", &gru_cell_fwd, "-> (h_new, saved)", py::arg("gx"), py::arg("h"),
+        py::arg("w_hh"), py::arg("b_hh"), nogil);
+  m.def("gru_cell_bwd", &gru_cell_bwd, "-> (grad_gx, grad_gh, grad_h_direct)",
+        py::arg("grad_h_new"), py::arg("h"), py::arg("saved"), nogil);
+  m.def("lstm_cell_fwd", &lstm_cell_fwd, "-> (h_new, c_new, saved)", py::arg("gx"), py::arg("h"),
+        py::arg("c"), py::arg("w_hh"), py::arg("b_hh"), nogil);
+  m.def("lstm_cell_bwd", &lstm_cell_bwd, "-> (grad_gates, grad_c)", py::arg("grad_h_new"),
+        py::arg("grad_c_new"), py::arg("c"), py::arg("c_new"), py::arg("saved"), nogil);
+  m.def("additive_attention_fwd", &additive_attention_fwd, "-> (context, weights, lse)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("values"), py::arg("mask"),
+        py::arg("lengths"), py::arg("kv_batch_idx"), nogil);
+  m.def("additive_attention_bwd", &additive_attention_bwd, "-> (dq, dk, dv, dvalues)",
+        py::arg("grad_context"), py::arg("grad_weights"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("values"), py::arg("mask"), py::arg("lengths"), py::arg("kv_batch_idx"),
+        py::arg("weights"), py::arg("lse"), nogil);
+  m.def("dot_attention_fwd", &dot_attention_fwd, "-> (context, weights, lse)", py::arg("q"),
+        py::arg("k"), py::arg("values"), py::arg("mask"), py::arg("lengths"),
+        py::arg("kv_batch_idx"), py::arg("scale"), nogil);
+  m.def("dot_attention_bwd", &dot_attention_bwd, "-> (dq, dk, dvalues)", py::arg("grad_context"),
+        py::arg("grad_weights"), py::arg("q"), py::arg("k"), py::arg("values"), py::arg("mask"),
+        py::arg("lengths"), py::arg("kv_batch_idx"), py::arg("scale"), py::arg("weights"),
+        py::arg("lse"), nogil);
+}

@@ -1,0 +1,372 @@
+"""Building the compiled extension `fused_s2s._C`, ahead of time (setup.py) or on first use.
+
+One place for the toolchain rules both paths share: which sources, which flags, whether the
+CUDA part is built, where the CUDA toolkit is. This file imports nothing from the package (only
+the standard library at import time, torch lazily), so that setup.py can load it by file path
+before the package is installed.
+
+Environment:
+  FUSED_S2S_NO_EXTENSION=1   no extension at all (setup.py skips it; load_extension() refuses)
+  FUSED_S2S_CUDA=0 / =1      never / always compile the CUDA kernels (=1 works without a GPU, as
+                             CI does, and makes a failed build an error at install time); unset:
+                             setup.py builds them when torch has CUDA and nvcc is found, the
+                             first-use build when additionally a GPU is visible
+  TORCH_CUDA_ARCH_LIST       GPU architectures (default "8.0;9.0" plus those of visible GPUs)
+  MAX_JOBS                   parallel compile jobs (read by torch's ninja build)
+  FUSED_S2S_PTXAS_VERBOSE=1  pass -Xptxas -v to nvcc (registers, spills per kernel)
+  FUSED_S2S_BUILD_DIR        cache folder of the first-use build (default: torch's extensions dir)
+  FUSED_S2S_VERBOSE_BUILD=1  show the compiler output of the first-use build
+  CUDA_HOME                  the CUDA toolkit; when unset or wrong, found from `nvcc --dryrun`
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from types import ModuleType
+from typing import Dict, Iterator, List, Optional, Tuple
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0"
+EXTENSION_NAME = "fused_s2s._C"
+
+
+def _env_flag(name: str) -> Optional[bool]:
+    """True/False for an environment switch set to 1/0 (also yes/no, true/false), None if unset."""
+    value = os.environ.get(name, "").strip().lower()
+    if value == "":
+        return None
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{name} must be 0 or 1, got {os.environ[name]!r}")
+
+
+# ------------------------------------------------------------------------------- sources
+
+
+def source_dir() -> Optional[str]:
+    """The `csrc` folder: beside the package in a checkout, or shipped inside an installed one."""
+    for candidate in (os.path.join(os.path.dirname(PACKAGE_DIR), "csrc"),
+                      os.path.join(PACKAGE_DIR, "csrc")):
+        if os.path.isfile(os.path.join(candidate, "bindings.cpp")):
+            return candidate
+    return None
+
+
+def sources(csrc: str, with_cuda: bool) -> List[str]:
+    files = [os.path.join(csrc, "bindings.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    if with_cuda:
+        files += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+    return files
+
+
+# ---------------------------------------------------------------------------- CUDA toolkit
+
+
+def _is_toolkit(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and \
+        os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def _nvcc_top(nvcc: str) -> Optional[str]:
+    """The toolkit root that nvcc itself reports (`#$ TOP=...` of `nvcc --dryrun`): right even
+    when the nvcc on PATH is a wrapper script or a symlink outside the toolkit."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "fused_s2s_probe.cu"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+_cuda_home_cache: Dict[str, Optional[str]] = {}
+
+
+def cuda_home() -> Optional[str]:
+    """The CUDA toolkit root, or None. CUDA_HOME/CUDA_PATH win when they hold a toolkit;
+    otherwise the root is asked of the nvcc found there or on PATH."""
+    if "home" not in _cuda_home_cache:
+        found = None
+        for var in ("CUDA_HOME", "CUDA_PATH"):
+            if _is_toolkit(os.environ.get(var)):
+                found = os.environ[var]
+                break
+        if found is None:
+            candidates = [os.path.join(os.environ[v], "bin", "nvcc")
+                          for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+            candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+            for nvcc in candidates:
+                if nvcc and os.path.isfile(nvcc):
+                    top = _nvcc_top(nvcc)
+                    if _is_toolkit(top):
+                        found = top
+                        break
+        _cuda_home_cache["home"] = found
+    return _cuda_home_cache["home"]
+
+
+def _use_cuda_home(home: str) -> None:
+    """Make torch's extension builder use `home` (it reads CUDA_HOME once, at import)."""
+    os.environ["CUDA_HOME"] = home
+    cpp_extension = sys.modules.get("torch.utils.cpp_extension")
+    if cpp_extension is not None:
+        cpp_extension.CUDA_HOME = home
+
+
+def _nvidia_wheel_dirs() -> Tuple[List[str], List[str]]:
+    """(include dirs, library dirs) of the NVIDIA pip packages installed beside torch. A toolkit
+    without the cuBLAS/cuSPARSE headers that torch's CUDA headers include takes them from there."""
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    major = (torch.version.cuda or "").split(".")[0]
+    roots = [os.path.join(site, "nvidia", f"cu{major}")] if major else []
+    if not (roots and os.path.isdir(roots[0])):  # older layout: one folder per library
+        roots = sorted(glob.glob(os.path.join(site, "nvidia", "*")))
+    includes = [os.path.join(r, "include") for r in roots if os.path.isdir(os.path.join(r, "include"))]
+    libs = [os.path.join(r, "lib") for r in roots if os.path.isdir(os.path.join(r, "lib"))]
+    return includes, libs
+
+
+def default_arch_list() -> str:
+    """"8.0;9.0" plus the architectures of the visible GPUs (so a newer GPU gets its own code)."""
+    import torch
+
+    archs = DEFAULT_ARCH_LIST.split(";")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            if f"{major}.{minor}" not in archs:
+                archs.append(f"{major}.{minor}")
+    return ";".join(archs)
+
+
+def plan_cuda(for_first_use: bool) -> Tuple[bool, str]:
+    """(build the CUDA kernels?, why). Raises RuntimeError when FUSED_S2S_CUDA=1 cannot be met."""
+    import torch
+
+    forced = _env_flag("FUSED_S2S_CUDA")
+    if forced is False:
+        return False, "FUSED_S2S_CUDA=0"
+    problems = []
+    if not torch.version.cuda:
+        problems.append(f"torch {torch.__version__} has no CUDA")
+    home = cuda_home()
+    if home is None:
+        problems.append("nvcc (the CUDA toolkit) was not found: set CUDA_HOME or put nvcc on PATH")
+    if forced and problems:
+        raise RuntimeError("FUSED_S2S_CUDA=1 but " + "; ".join(problems))
+    if problems:
+        return False, "; ".join(problems)
+    if not forced and for_first_use and not torch.cuda.is_available():
+        return False, "no GPU visible"
+    return True, f"CUDA toolkit at {home}"
+
+
+# ----------------------------------------------------------------------------------- flags
+
+
+def build_options(csrc: str, with_cuda: bool) -> Dict[str, object]:
+    """Sources and flags of the extension, for setuptools and for torch's JIT `load` alike."""
+    cxx = ["-O3", "-Wno-psabi"]  # psabi: notes about 32-byte vector arguments of inline helpers
+    nvcc = ["-O3", "-lineinfo",
+            # torch adds these defines for every .cu file; the kernels are written for CUDA's
+            # own half/bfloat16 operators, as plain nvcc compiles them.
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
+    library_dirs: List[str] = []
+    if with_cuda:
+        cxx.append("-DWITH_CUDA")
+        nvcc.append("-DWITH_CUDA")
+        if _env_flag("FUSED_S2S_PTXAS_VERBOSE"):
+            nvcc.append("-Xptxas=-v")
+        includes, library_dirs = _nvidia_wheel_dirs()
+        for inc in includes:  # searched after the toolkit's own headers: only fills gaps
+            cxx += ["-idirafter", inc]
+    return {
+        "sources": sources(csrc, with_cuda),
+        "include_dirs": [os.path.join(csrc, "include"), csrc],
+        "cxx": cxx,
+        "nvcc": nvcc,
+        "library_dirs": library_dirs,
+    }
+
+
+@contextlib.contextmanager
+def _arch_list_env() -> Iterator[None]:
+    """TORCH_CUDA_ARCH_LIST as the user set it, else our default, for the duration of a build."""
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not old:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list()
+    try:
+        yield
+    finally:
+        if not old:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+
+
+# ------------------------------------------------------------------------------- setup.py
+
+
+def setup_kwargs() -> Dict[str, object]:
+    """`ext_modules` and `cmdclass` for setup(): the extension when it can be built here.
+
+    A failed compile is reported and the package installs without the extension (first use
+    then tries again and says why it cannot), except with FUSED_S2S_CUDA=1, where it is an error.
+    """
+    from setuptools.command.build_py import build_py
+
+    class BuildPyWithSources(build_py):
+        """Ship csrc/ inside the package, so the first-use build works from an installed copy."""
+
+        def run(self) -> None:
+            super().run()
+            csrc = source_dir()
+            if csrc is not None and not self.editable_mode:
+                target = os.path.join(self.build_lib, "fused_s2s", "csrc")
+                shutil.copytree(csrc, target, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("*.o", "__pycache__"))
+
+    cmdclass: Dict[str, object] = {"build_py": BuildPyWithSources}
+
+    def skip(reason: str) -> Dict[str, object]:
+        print(f"fused_s2s: not building the C++ extension ({reason})", file=sys.stderr)
+        return {"cmdclass": cmdclass}
+
+    if _env_flag("FUSED_S2S_NO_EXTENSION"):
+        return skip("FUSED_S2S_NO_EXTENSION=1")
+    csrc = source_dir()
+    if csrc is None:
+        return skip("csrc/ not found")
+    try:
+        import torch  # noqa: F401
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        return skip(f"torch is not importable: {e}; install with --no-build-isolation")
+    with_cuda, why = plan_cuda(for_first_use=False)
+    print(f"fused_s2s: building the C++ extension, CUDA kernels: "
+          f"{'yes' if with_cuda else 'no'} ({why})", file=sys.stderr)
+    if with_cuda:
+        _use_cuda_home(cuda_home())
+    opts = build_options(os.path.relpath(csrc), with_cuda)
+    extension_class = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    extension = extension_class(
+        name=EXTENSION_NAME,
+        sources=opts["sources"],
+        include_dirs=[os.path.abspath(d) for d in opts["include_dirs"]],
+        library_dirs=opts["library_dirs"],
+        extra_compile_args={"cxx": opts["cxx"], "nvcc": opts["nvcc"]} if with_cuda else opts["cxx"],
+    )
+    strict = _env_flag("FUSED_S2S_CUDA") is True
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        def build_extensions(self) -> None:
+            with _arch_list_env():
+                try:
+                    super().build_extensions()
+                except Exception as e:  # noqa: BLE001 - any compiler failure
+                    if strict:
+                        raise
+                    print(f"fused_s2s: WARNING: building the C++ extension failed "
+                          f"({_first_error_line(str(e))}); installing without it", file=sys.stderr)
+
+    cmdclass["build_ext"] = BuildExtension
+    return {"ext_modules": [extension], "cmdclass": cmdclass}
+
+
+# ------------------------------------------------------------------------------ first use
+
+
+def _first_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"\berror\b", line, re.IGNORECASE) and not line.startswith("Error building"):
+            return line[:300]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
+_load_lock = threading.Lock()
+_loaded: Optional[ModuleType] = None
+_load_error: Optional[str] = None
+
+
+def _jit_build() -> ModuleType:
+    if _env_flag("FUSED_S2S_NO_EXTENSION"):
+        raise RuntimeError("the extension is disabled (FUSED_S2S_NO_EXTENSION=1)")
+    csrc = source_dir()
+    if csrc is None:
+        raise RuntimeError("fused_s2s._C is not installed and the C++ sources (csrc/) are not "
+                           "available to build it")
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("fused_s2s._C is not installed and ninja (needed to build it) is missing")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"fused_s2s._C is not installed and no C++ compiler ({compiler}) was found")
+    with_cuda, _ = plan_cuda(for_first_use=True)
+    if with_cuda:
+        _use_cuda_home(cuda_home())
+    opts = build_options(csrc, with_cuda)
+    name = "fused_s2s_C_cuda" if with_cuda else "fused_s2s_C_cpu"
+    build_root = os.environ.get("FUSED_S2S_BUILD_DIR")
+    build_directory = os.path.join(build_root, name) if build_root else None
+    if build_directory:
+        os.makedirs(build_directory, exist_ok=True)
+    verbose = bool(_env_flag("FUSED_S2S_VERBOSE_BUILD"))
+    print(f"fused_s2s: building the C++ extension{' with CUDA kernels' if with_cuda else ''} "
+          f"(first use; cached afterwards)...", file=sys.stderr, flush=True)
+    with _arch_list_env():
+        try:
+            module = cpp_extension.load(
+                name=name,
+                sources=opts["sources"],
+                extra_include_paths=opts["include_dirs"],
+                extra_cflags=opts["cxx"],
+                extra_cuda_cflags=opts["nvcc"],
+                extra_ldflags=[f"-L{d}" for d in opts["library_dirs"]],
+                build_directory=build_directory,
+                with_cuda=with_cuda,
+                verbose=verbose,
+            )
+        except Exception as e:  # noqa: BLE001 - compiler, linker or import failure
+            raise RuntimeError(f"building fused_s2s._C failed: {_first_error_line(str(e))}") from e
+    return module
+
+
+def load_extension() -> ModuleType:
+    """The compiled module `fused_s2s._C`: the installed one, else built now (once, cached on
+    disk; concurrent builders wait on torch's build-folder lock). Raises RuntimeError with a
+    one-line reason when it can be neither imported nor built; the failure is remembered."""
+    global _loaded, _load_error
+    with _load_lock:
+        if _loaded is not None:
+            return _loaded
+        if _load_error is not None:
+            raise RuntimeError(_load_error)
+        import importlib
+
+        installed_error = None
+        try:
+            _loaded = importlib.import_module(EXTENSION_NAME)
+            return _loaded
+        except ImportError as e:
+            if not (isinstance(e, ModuleNotFoundError) and e.name == EXTENSION_NAME):
+                installed_error = f"the installed fused_s2s._C does not import ({e})"
+        try:
+            _loaded = _jit_build()
+        except Exception as e:  # noqa: BLE001
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _load_error = f"{installed_error}; {reason}" if installed_error else reason
+            raise RuntimeError(_load_error) from None
+        sys.modules[EXTENSION_NAME] = _loaded
+        return _loaded
