@@ -112,11 +112,19 @@ def _rows(t: Optional[Tensor], kv_batch_idx: Optional[Tensor]) -> Optional[Tenso
 
 
 def _softmax_with_lse(scores: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
-    """scores (Bq,Tq,Tk) in the accumulation dtype, valid (Bq,Tk) -> (weights, lse (Bq,Tq))."""
+    """scores (Bq,Tq,Tk) in the accumulation dtype, valid (Bq,Tk) -> (weights, lse (Bq,Tq)).
+
+    Weights are exp(s - max) / sum rather than exp(s - lse): s - max is exact for the largest
+    scores, while s - lse carries an error of eps * |s|, which large scores make visible."""
     s = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # -inf for a row with no valid position
-    safe = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)  # NaN/+inf propagate
-    return torch.exp(s - safe[..., None]), lse
+    row_max = s.amax(dim=-1, keepdim=True)
+    # only a row with no valid position (max -inf) is special; NaN and +inf propagate
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+    p = torch.exp(s - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    weights = p / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf for a row with no valid position
+    return weights, lse
 
 
 def _softmax_bwd(grad_context: Tensor, grad_weights: Tensor, values_rows: Tensor,

@@ -57,7 +57,7 @@ def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
     row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     p = torch.exp(s - row_max)  # exp(-inf) = 0 at invalid positions
     denom = p.sum(dim=-1, keepdim=True)
-    return (p / torch.where(denom > 0, denom, torch.ones_like(denom))).to(scores.dtype)
+    return (p / torch.where(denom == 0, torch.ones_like(denom), denom)).to(scores.dtype)
 
 
 def _gather_kv(t: Optional[Tensor], kv_batch_idx: Optional[Tensor]) -> Optional[Tensor]:

@@ -17,6 +17,10 @@ import pytest  # noqa: E402
 
 from fused_s2s import backends  # noqa: E402
 
+# float32 means IEEE float32 in every comparison, ours and the plain-PyTorch yardstick alike
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # float64 only where a backend supports it; half types are exercised on the GPU.
 DTYPES = {"cpu": [torch.float64, torch.float32],
@@ -63,18 +67,24 @@ def pytest_collection_modifyitems(config, items):
 def assert_close_to_reference(ours: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor = None,
                               name: str = "output") -> None:
     """The tolerance rule, by dtype:
-    - float32/float64: torch.testing.assert_close defaults against the float64 reference cast
-      to our dtype;
+    - float64: torch.testing.assert_close defaults;
     - float16/bfloat16 (FlashAttention's rule): our max error against the float64 reference is
       at most twice that of the plain PyTorch computation done in the same precision (`plain`),
       plus a floor of one unit in the last place at the output's scale, for outputs the plain
-      computation happens to get exactly right.
+      computation happens to get exactly right;
+    - float32: assert_close's defaults, or else the rule above: long float32 reductions (a
+      gradient summed over Tk x A terms) miss the defaults' 1.3e-6 relative bound in plain
+      PyTorch too, and then only "no worse than twice PyTorch's own float32 error" is fair.
     """
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
     assert not torch.isnan(ours).any() or torch.isnan(ref64).any(), f"{name}: NaN where the reference has none"
     if ours.dtype in (torch.float32, torch.float64):
-        torch.testing.assert_close(ours, ref64.to(ours.dtype), msg=lambda m: f"{name}: {m}")
-        return
+        try:
+            torch.testing.assert_close(ours, ref64.to(ours.dtype), msg=lambda m: f"{name}: {m}")
+            return
+        except AssertionError:
+            if ours.dtype == torch.float64 or plain is None:
+                raise
     assert plain is not None, "low-precision comparisons need the plain computation"
     err = (ours.double() - ref64).abs().max().item() if ours.numel() else 0.0
     plain_err = (plain.double() - ref64).abs().max().item() if ours.numel() else 0.0
