@@ -83,18 +83,20 @@ cat "$LOGS/environment.log"
 # ------------------------------------------------------------------------------ 1. build
 build() {
     # the editable install puts fused_s2s (and fused_s2s.triton_kernels) on the path; where pip
-    # cannot install offline, build the extension in place instead
-    "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . && return 0
-    echo "pip install failed; building in place"
-    "$PY" setup.py build_ext --inplace
+    # cannot install offline, build the extension in place instead; loading the backends last
+    # runs the package's first-use build if neither produced the extension
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . ||
+        { echo "pip install failed; building in place"; "$PY" setup.py build_ext --inplace; }
+    local rc=$?
+    "$PY" -c "from fused_s2s import backends; print(backends.describe())"
+    return $rc
 }
 export -f build
 export PY
 if wants build; then
-    run_stage build "$(budget 240 240)" "grep -E -i 'error|Successfully installed' | tail -n 3" -- bash -c build
-    if ! "$PY" -c "import fused_s2s" >/dev/null 2>&1; then export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; fi
+    run_stage build "$(budget 240 240)" "grep -E -i 'error|Successfully installed|available' | tail -n 4" -- bash -c build
 fi
-"$PY" -c "from fused_s2s import backends; print(backends.describe())" >"$LOGS/backends.log" 2>&1
+timeout 300 "$PY" -c "from fused_s2s import backends; print(backends.describe())" >"$LOGS/backends.log" 2>&1
 sed 's/^/  [backends] /' "$LOGS/backends.log"
 SUMMARY+=("$(printf '%-10s %s' backends "$(grep -E '^  (torch|cpp|triton) ' "$LOGS/backends.log" | sed 's/^ *//' | cut -c1-100 | paste -sd '|' -)")")
 
