@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .data import PAD
+from .data import BOS, PAD
 from .modules import GRU, LSTM, BahdanauAttention, GRUCell, LSTMCell, LuongAttention
 
 CELLS = ("gru", "lstm")
@@ -199,6 +199,14 @@ class Seq2Seq(nn.Module):
                                    attention, attention_size, dropout, backend=backend)
         self.bridge_h = nn.Linear(hidden_size, hidden_size)
         self.bridge_c = nn.Linear(hidden_size, hidden_size) if cell == "lstm" else None
+        # PAD and BOS are never predicted: their logits are -inf everywhere (training and decoding)
+        never = torch.zeros(tgt_vocab_size)
+        never[[PAD, BOS]] = float("-inf")
+        self.register_buffer("never_predicted", never, persistent=False)
+
+    def logits(self, decoder_output: Tensor) -> Tensor:
+        """Decoder outputs (..., H) -> logits (..., V)."""
+        return self.decoder.generator(decoder_output) + self.never_predicted.to(decoder_output.dtype)
 
     def _bridge(self, final: Tensor, layer: nn.Linear) -> Tensor:
         """(layers*2, B, H/2) final encoder states -> (layers, B, H) initial decoder states."""
@@ -226,13 +234,13 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"tgt_in must be (batch={src.shape[0]}, time), got shape {tuple(tgt_in.shape)}")
         memory, state = self.encode(src, src_lengths)
         outputs, weights, _ = self.decoder(tgt_in, state, memory)
-        logits = self.decoder.generator(outputs)
+        logits = self.logits(outputs)
         return (logits, weights) if return_attention else logits
 
     def decode_step(self, tokens: Tensor, state: DecoderState, memory: Memory):
         """Previous tokens (B,) -> (log-probabilities (B,V) in float32, new state, attention (B,S))."""
         output, state, weights = self.decoder.step(self.decoder.embedding(tokens), state, memory)
-        return F.log_softmax(self.decoder.generator(output).float(), dim=-1), state, weights
+        return F.log_softmax(self.logits(output).float(), dim=-1), state, weights
 
 
 def sequence_loss(logits: Tensor, tgt_out: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -1,0 +1,216 @@
+"""Batched greedy decoding and batched beam search.
+
+Both run the encoder once per source and reuse its key projections at every step (they live
+in the `Memory` that `Seq2Seq.encode` returns). Beam search keeps one decoder row per
+hypothesis but never copies the encoder memory per beam: `Memory.kv_batch_idx` maps each
+row to its source row and the attention ops read the shared keys through it.
+
+Any model with `encode(src, src_lengths) -> (memory, state)` and
+`decode_step(tokens, state, memory) -> (log_probs (B,V), state, weights (B,S))`, where
+`state.select(index)` picks batch rows and `memory` is a `Memory`, can be decoded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .data import BOS, EOS, PAD, Vocab, encode_sources
+
+
+@dataclass
+class Hypotheses:
+    """One decoded hypothesis per source.
+
+    tokens (B,T) int64, ending with EOS (unless max_len cut it), PAD after; lengths (B,)
+    counts tokens up to and including EOS; log_probs (B,) is the sum of the token
+    log-probabilities (not length-normalised); attention (B,T,S) when asked for.
+    """
+    tokens: Tensor
+    lengths: Tensor
+    log_probs: Tensor
+    attention: Optional[Tensor] = None
+
+
+def _default_max_len(src_lengths: Tensor) -> int:
+    return 2 * int(src_lengths.max()) + 10
+
+
+def _check_inputs(src: Tensor, src_lengths: Tensor, max_len: Optional[int]) -> int:
+    if not isinstance(src, Tensor) or src.dim() != 2 or src.shape[0] == 0:
+        raise ValueError(f"src must be a non-empty (batch, time) tensor, got {getattr(src, 'shape', src)}")
+    if not isinstance(src_lengths, Tensor) or src_lengths.shape != src.shape[:1]:
+        raise ValueError(f"src_lengths must be a ({src.shape[0]},) tensor, got {getattr(src_lengths, 'shape', src_lengths)}")
+    max_len = _default_max_len(src_lengths) if max_len is None else max_len
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    return max_len
+
+
+@torch.no_grad()
+def greedy_decode(model, src: Tensor, src_lengths: Tensor, max_len: Optional[int] = None,
+                  return_attention: bool = False) -> Hypotheses:
+    """Pick the most likely token at each step, for every source of the batch at once."""
+    max_len = _check_inputs(src, src_lengths, max_len)
+    memory, state = model.encode(src, src_lengths)
+    batch = src.shape[0]
+    tokens = torch.full((batch,), BOS, dtype=torch.long, device=src.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    log_probs = torch.zeros(batch, device=src.device)
+    out: List[Tensor] = []
+    attention: List[Tensor] = []
+    for _ in range(max_len):
+        step_log_probs, state, weights = model.decode_step(tokens, state, memory)
+        best, tokens = step_log_probs.max(dim=-1)
+        tokens = tokens.masked_fill(finished, PAD)
+        log_probs += best.masked_fill(finished, 0.0)
+        out.append(tokens)
+        if return_attention:
+            attention.append(weights)
+        finished |= tokens == EOS
+        if bool(finished.all()):
+            break
+    tokens = torch.stack(out, dim=1)
+    return Hypotheses(tokens, (tokens != PAD).sum(1), log_probs,
+                      torch.stack(attention, dim=1) if return_attention else None)
+
+
+@torch.no_grad()
+def beam_search(model, src: Tensor, src_lengths: Tensor, beam_size: int = 5, max_len: Optional[int] = None,
+                length_penalty: float = 1.0, return_attention: bool = False) -> Hypotheses:
+    """Batched beam search; returns the best hypothesis per source.
+
+    Hypotheses are ranked by log-probability / length ** length_penalty (0: the raw
+    log-probability; 1: the per-token average). Each step takes the best 2k extensions of the
+    k live hypotheses of a source: those ending in EOS within the top k are set aside as
+    finished (per hypothesis, never lost afterwards), the best k others stay live. A source is
+    done once it has k finished hypotheses, or, with length_penalty=0, once its best finished
+    one scores at least as well as every live one (log-probabilities only fall as a
+    hypothesis grows). Beam size 1 is greedy decoding.
+    """
+    max_len = _check_inputs(src, src_lengths, max_len)
+    if not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
+    device, batch, k = src.device, src.shape[0], beam_size
+    rows = batch * k
+    memory, state = model.encode(src, src_lengths)
+    # row b*k + j is beam j of source b; every row reads source b's keys through kv_batch_idx
+    memory = memory._replace(kv_batch_idx=torch.arange(batch, device=device).repeat_interleave(k))
+    state = state.select(memory.kv_batch_idx)
+    row_base = (torch.arange(batch, device=device) * k)[:, None]
+    sources = torch.arange(batch, device=device)
+
+    scores = torch.zeros(batch, k, device=device)
+    scores[:, 1:] = float("-inf")  # the beams start identical: keep one so the first step has no duplicates
+    scores = scores.view(rows)
+    tokens = torch.full((rows,), BOS, dtype=torch.long, device=device)
+    # per source: best finished hypothesis (normalised score, raw score, step of its EOS, the
+    # live row it extended), and how many finished ones were found
+    best_norm = torch.full((batch,), float("-inf"), device=device)
+    best_raw = torch.full((batch,), float("-inf"), device=device)
+    best_step = torch.full((batch,), -1, dtype=torch.long, device=device)
+    best_parent = torch.zeros(batch, dtype=torch.long, device=device)
+    num_finished = torch.zeros(batch, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    history: List[Tensor] = []
+    parents: List[Tensor] = []
+    attention: List[Tensor] = []
+    for step in range(max_len):
+        step_log_probs, state, weights = model.decode_step(tokens, state, memory)
+        vocab = step_log_probs.shape[-1]
+        if return_attention:
+            attention.append(weights)
+        # every live hypothesis has step + 1 tokens after this step, so the raw score ranks them
+        candidates = (scores[:, None] + step_log_probs).view(batch, k * vocab)
+        top, best = candidates.topk(2 * k, dim=1)
+        token, parent = best % vocab, row_base + best // vocab
+        is_eos = token == EOS
+
+        # finish the EOS extensions that rank within the top k
+        finishing = is_eos & (torch.arange(2 * k, device=device) < k) & ~done[:, None]
+        norm = top / float(step + 1) ** length_penalty
+        cand_norm, cand_pos = norm.masked_fill(~finishing, float("-inf")).max(dim=1)
+        better = cand_norm > best_norm
+        best_norm = torch.where(better, cand_norm, best_norm)
+        best_raw = torch.where(better, top[sources, cand_pos], best_raw)
+        best_step = torch.where(better, torch.full_like(best_step, step), best_step)
+        best_parent = torch.where(better, parent[sources, cand_pos], best_parent)
+        num_finished += finishing.sum(dim=1)
+
+        # the best k extensions that do not end keep going (a row adds at most one EOS, so
+        # at least k of the 2k are not EOS)
+        keep = torch.where(is_eos, 2 * k, torch.arange(2 * k, device=device)).topk(k, dim=1, largest=False).indices
+        scores = top.gather(1, keep).view(rows)
+        tokens = token.gather(1, keep).view(rows)
+        parent = parent.gather(1, keep).view(rows)
+        state = state.select(parent)
+        history.append(tokens)
+        parents.append(parent)
+
+        done |= num_finished >= k
+        if length_penalty == 0:
+            done |= best_raw >= scores.view(batch, k).max(dim=1).values
+        if bool(done.all()):
+            break
+
+    return _backtrack(history, parents, attention if return_attention else None, scores.view(batch, k),
+                      row_base[:, 0], best_raw, best_step, best_parent)
+
+
+def _backtrack(history: List[Tensor], parents: List[Tensor], attention: Optional[List[Tensor]],
+               live_scores: Tensor, row_base: Tensor, best_raw: Tensor, best_step: Tensor,
+               best_parent: Tensor) -> Hypotheses:
+    """Rebuild each source's best hypothesis from the per-step tokens and back-pointers: its
+    best finished one, or its best live one when none finished within max_len."""
+    steps = len(history)
+    finished = best_step >= 0
+    live_best, live_pos = live_scores.max(dim=1)
+    # end = index of the last token; the row pointer walks back from the row that token extends
+    end = torch.where(finished, best_step, torch.full_like(best_step, steps - 1))
+    row = torch.where(finished, best_parent, row_base + live_pos)
+    log_probs = torch.where(finished, best_raw, live_best)
+    length = end + 1
+    tokens = torch.full((len(row), int(length.max())), PAD, dtype=torch.long, device=row.device)
+    tokens[finished, end[finished]] = EOS
+    att = None
+    if attention is not None:
+        att = attention[0].new_zeros(len(row), tokens.shape[1], attention[0].shape[-1])
+    for t in range(tokens.shape[1] - 1, -1, -1):  # later steps hold no kept token
+        if attention is not None:
+            # the step-t weights were computed on the row that step t extended
+            at_end = finished & (t == end)
+            extended = torch.where(at_end, row, parents[t][row])
+            upto = t <= end
+            att[upto, t] = attention[t][extended][upto]
+        inside = (t < end) | (~finished & (t == end))
+        tokens[inside, t] = history[t][row][inside]
+        row = torch.where(inside, parents[t][row], row)
+    return Hypotheses(tokens, length, log_probs, att)
+
+
+def decode(model, src: Tensor, src_lengths: Tensor, beam_size: int = 1, **kwargs) -> Hypotheses:
+    """Greedy decoding for beam_size 1, beam search otherwise."""
+    if beam_size == 1:
+        return greedy_decode(model, src, src_lengths, **kwargs)
+    return beam_search(model, src, src_lengths, beam_size, **kwargs)
+
+
+def translate(model, texts: Sequence[str], src_vocab: Vocab, tgt_vocab: Vocab, beam_size: int = 1,
+              batch_size: int = 256, **kwargs) -> List[str]:
+    """Decode a list of source texts to target texts."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: List[str] = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            src, lengths = encode_sources(list(texts[i: i + batch_size]), src_vocab)
+            hyp = decode(model, src.to(device), lengths.to(device), beam_size, **kwargs)
+            results += [tgt_vocab.decode(row) for row in hyp.tokens.tolist()]
+    finally:
+        model.train(was_training)
+    return results
