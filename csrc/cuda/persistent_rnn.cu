@@ -114,7 +114,8 @@ struct Geometry {
   int rows;          // batch rows per block (<= 16)
   int weight_rows;   // smem weight rows (padded to 8)
   int tiles;         // 16x8 output tiles = weight_rows / 8
-  int k_split;       // warps sharing a tile's reduction
+  int tile_groups;   // groups of up to kMaxTilesPerWarp tiles
+  int k_split;       // warps sharing a group's reduction
   int k, k_pad, k_chunk;
   int w_pitch, x_pitch;  // smem row pitches, in elements
   int partial_offset, x_offset;  // smem byte offsets of the partial tiles and the staged chunk
@@ -162,10 +163,19 @@ __device__ void stage_chunk(T* x_s, int x_pitch, const T* x, int64_t x_ld, int r
 
 __device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-// d (16x8 fp32, mma.sync C layout) += x_s[0:16, 0:16] @ w_s[0:8, 0:16]^T.
-// Lane l holds d[0], d[1] at (row l/4, cols 2(l%4) and +1), d[2], d[3] at row l/4 + 8.
+// Accumulator slots of a warp: slot i holds tile i of the warp's group; a group of at most 4
+// tiles also uses slots 4..7, as a second accumulator per tile that takes every other k-tile
+// (two independent MMA chains per tile hide the MMA latency). The slot sums are the product.
+__device__ __forceinline__ bool slot_used(int i, int group_tiles, bool two_banks, bool odd) {
+  return two_banks ? ((i >> 2) == int(odd) && (i & 3) < group_tiles) : i < group_tiles;
+}
+
+// acc[slot] (16x8 fp32, mma.sync C layout: lane l holds rows l/4 and l/4 + 8, cols 2(l%4) and
+// +1) += x_s[0:16, 0:16] @ w_s[tile rows, 0:16]^T for the tiles of one group, one k-tile.
+// x_s points at the k-tile's first column of the staged rows; w_s at the group's first row.
 template <typename T>
-__device__ __forceinline__ void mma_tile(float (&d)[4], const T* x_s, int x_pitch, const T* w_s, int w_pitch) {
+__device__ __forceinline__ void mma_k_tile(float (&acc)[kMaxTilesPerWarp][4], const T* x_s, int x_pitch,
+                                           const T* w_s, int w_pitch, int group_tiles, bool two_banks, bool odd) {
   const int lane = threadIdx.x & 31, g = lane >> 2, c = (lane & 3) * 2;
   if constexpr (std::is_same<T, float>::value) {
     // float32: plain FMA over the same fragment layout (exact fp32, no tf32)
@@ -173,80 +183,88 @@ __device__ __forceinline__ void mma_tile(float (&d)[4], const T* x_s, int x_pitc
     for (int kk = 0; kk < 16; kk += 4) {
       const float4 a0 = *reinterpret_cast<const float4*>(x_s + g * x_pitch + kk);
       const float4 a1 = *reinterpret_cast<const float4*>(x_s + (g + 8) * x_pitch + kk);
-      const float4 b0 = *reinterpret_cast<const float4*>(w_s + c * w_pitch + kk);
-      const float4 b1 = *reinterpret_cast<const float4*>(w_s + (c + 1) * w_pitch + kk);
-      d[0] = fmaf(a0.w, b0.w, fmaf(a0.z, b0.z, fmaf(a0.y, b0.y, fmaf(a0.x, b0.x, d[0]))));
-      d[1] = fmaf(a0.w, b1.w, fmaf(a0.z, b1.z, fmaf(a0.y, b1.y, fmaf(a0.x, b1.x, d[1]))));
-      d[2] = fmaf(a1.w, b0.w, fmaf(a1.z, b0.z, fmaf(a1.y, b0.y, fmaf(a1.x, b0.x, d[2]))));
-      d[3] = fmaf(a1.w, b1.w, fmaf(a1.z, b1.z, fmaf(a1.y, b1.y, fmaf(a1.x, b1.x, d[3]))));
+#pragma unroll
+      for (int i = 0; i < kMaxTilesPerWarp; ++i) {
+        if (!slot_used(i, group_tiles, two_banks, odd)) continue;
+        const float* w = w_s + (two_banks ? (i & 3) : i) * 8 * w_pitch + kk;
+        const float4 b0 = *reinterpret_cast<const float4*>(w + c * w_pitch);
+        const float4 b1 = *reinterpret_cast<const float4*>(w + (c + 1) * w_pitch);
+        float* d = acc[i];
+        d[0] = fmaf(a0.w, b0.w, fmaf(a0.z, b0.z, fmaf(a0.y, b0.y, fmaf(a0.x, b0.x, d[0]))));
+        d[1] = fmaf(a0.w, b1.w, fmaf(a0.z, b1.z, fmaf(a0.y, b1.y, fmaf(a0.x, b1.x, d[1]))));
+        d[2] = fmaf(a1.w, b0.w, fmaf(a1.z, b0.z, fmaf(a1.y, b0.y, fmaf(a1.x, b0.x, d[2]))));
+        d[3] = fmaf(a1.w, b1.w, fmaf(a1.z, b1.z, fmaf(a1.y, b1.y, fmaf(a1.x, b1.x, d[3]))));
+      }
     }
   } else {
     // A (16x16, row-major): rows g and g+8, cols c, c+1 and c+8, c+9. B (16x8, "col"): weight
-    // row g, k = c, c+1 and c+8, c+9. Each pair is contiguous in smem: one 32-bit load.
+    // row g of the tile, k = c, c+1 and c+8, c+9. Each pair is contiguous in smem: one 32-bit load.
     const uint32_t a0 = lds32(x_s + g * x_pitch + c), a1 = lds32(x_s + (g + 8) * x_pitch + c);
     const uint32_t a2 = lds32(x_s + g * x_pitch + c + 8), a3 = lds32(x_s + (g + 8) * x_pitch + c + 8);
-    const uint32_t b0 = lds32(w_s + g * w_pitch + c), b1 = lds32(w_s + g * w_pitch + c + 8);
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-          "{%0,%1,%2,%3};"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    } else {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-          "{%0,%1,%2,%3};"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#pragma unroll
+    for (int i = 0; i < kMaxTilesPerWarp; ++i) {
+      if (!slot_used(i, group_tiles, two_banks, odd)) continue;
+      const T* w = w_s + ((two_banks ? (i & 3) : i) * 8 + g) * w_pitch + c;
+      const uint32_t b0 = lds32(w), b1 = lds32(w + 8);
+      float* d = acc[i];
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+      } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+      }
     }
   }
 }
 
-// partial[task] (16x8 fp32 row-major, task = ks * tiles + tile) = the ks-th share of the
-// reduction x[0:rows, :] @ w_s[tile rows, :]^T. x (leading dim x_ld) is staged k_chunk
-// columns at a time; within a chunk, warp task (tile, ks) takes k-tiles ks, ks + k_split, ...
-// alternating between two accumulators (two independent MMA chains hide the MMA latency),
-// summed at the end. Ends with a __syncthreads(): the partial tiles are readable by all.
+// partial[ks * tiles + tile] (16x8 fp32, row-major) = the ks-th share of the reduction
+// x[0:rows, :] @ w_s[tile rows, :]^T. x (leading dim x_ld) is staged k_chunk columns at a time.
+// Warp w computes every tile of group w % tile_groups over the k-tiles ks, ks + k_split, ...
+// (ks = w / tile_groups) of each chunk, loading each x fragment once for all of them.
+// Ends with a __syncthreads(): the partial tiles are readable by every thread.
 template <typename T>
 __device__ void block_gemm(const Geometry& geo, const T* x, int64_t x_ld, int rows, const T* w_s, T* x_s,
                            float* partial) {
-  const int warp = threadIdx.x >> 5, tasks = geo.tiles * geo.k_split, stride = geo.k_split * 16;
-  float acc[kMaxTilesPerWarp][2][4];
+  const int warp = threadIdx.x >> 5, group = warp % geo.tile_groups, ks = warp / geo.tile_groups;
+  const bool active = ks < geo.k_split;
+  const int first_tile = group * kMaxTilesPerWarp;
+  const int group_tiles = min(kMaxTilesPerWarp, geo.tiles - first_tile);
+  const bool two_banks = group_tiles <= kMaxTilesPerWarp / 2;
+  const int stride = geo.k_split * 16;
+  float acc[kMaxTilesPerWarp][4];
 #pragma unroll
-  for (int i = 0; i < kMaxTilesPerWarp; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[i][0][e] = acc[i][1][e] = 0.f;
-  }
+  for (int i = 0; i < kMaxTilesPerWarp; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  const T* w_group = w_s + first_tile * 8 * geo.w_pitch;
   for (int k0 = 0; k0 < geo.k_pad; k0 += geo.k_chunk) {
     const int kc = min(geo.k_chunk, geo.k_pad - k0);
     stage_chunk(x_s, geo.x_pitch, x, x_ld, rows, k0, kc, geo.k);
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kMaxTilesPerWarp; ++i) {
-      const int task = warp + i * kWarps;
-      if (task < tasks) {
-        const int tile = task % geo.tiles, ks = task / geo.tiles;
-        const T* w_tile = w_s + tile * 8 * geo.w_pitch + k0;
-        int kt = ks * 16;
-        for (; kt + stride < kc; kt += 2 * stride) {
-          mma_tile<T>(acc[i][0], x_s + kt, geo.x_pitch, w_tile + kt, geo.w_pitch);
-          mma_tile<T>(acc[i][1], x_s + kt + stride, geo.x_pitch, w_tile + kt + stride, geo.w_pitch);
-        }
-        if (kt < kc) mma_tile<T>(acc[i][0], x_s + kt, geo.x_pitch, w_tile + kt, geo.w_pitch);
+    if (active) {
+      bool odd = false;  // the k-tile's parity in this warp's sequence (restarts every chunk)
+      for (int kt = ks * 16; kt < kc; kt += stride, odd = !odd) {
+        mma_k_tile<T>(acc, x_s + kt, geo.x_pitch, w_group + k0 + kt, geo.w_pitch, group_tiles, two_banks, odd);
       }
     }
     __syncthreads();  // the next chunk overwrites x_s
   }
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = (lane & 3) * 2;
+  if (active) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = (lane & 3) * 2;
 #pragma unroll
-  for (int i = 0; i < kMaxTilesPerWarp; ++i) {
-    const int task = warp + i * kWarps;
-    if (task < tasks) {
-      float* out = partial + task * 128;
-      out[g * 8 + c] = acc[i][0][0] + acc[i][1][0];
-      out[g * 8 + c + 1] = acc[i][0][1] + acc[i][1][1];
-      out[(g + 8) * 8 + c] = acc[i][0][2] + acc[i][1][2];
-      out[(g + 8) * 8 + c + 1] = acc[i][0][3] + acc[i][1][3];
+    for (int i = 0; i < kMaxTilesPerWarp; ++i) {
+      if (i >= group_tiles) continue;
+      float* out = partial + (ks * geo.tiles + first_tile + i) * 128;
+      const float* second = acc[(i + kMaxTilesPerWarp / 2) % kMaxTilesPerWarp];  // tile i's second bank
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {  // e: (row g, col c), (g, c+1), (g+8, c), (g+8, c+1)
+        out[(g + (e >> 1) * 8) * 8 + c + (e & 1)] = acc[i][e] + (two_banks ? second[e] : 0.f);
+      }
     }
   }
   __syncthreads();
@@ -707,6 +725,7 @@ Geometry geometry_of(const Plan& plan) {
   g.rows = int(plan.rows_per_block);
   g.weight_rows = int(plan.weight_rows);
   g.tiles = int(plan.tiles);
+  g.tile_groups = int(plan.tile_groups);
   g.k_split = int(plan.k_split);
   g.k = int(plan.k);
   g.k_pad = int(plan.k_pad);

@@ -39,7 +39,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Kernel shape. fused_s2s/persistent.py mirrors these constants and plan_layer().
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxTilesPerWarp = 4;      // 16x8 fp32 accumulator tiles a warp holds in registers
+constexpr int kMaxTilesPerWarp = 8;      // 16x8 output tiles a warp computes (sharing each x fragment)
 constexpr int kMaxPairsPerThread = 4;    // (row, unit) pairs a thread owns in the gate epilogue
 constexpr int kMaxRowsPerBlock = 16;     // batch rows per block: one MMA M tile
 constexpr int kMinKChunk = 64;           // fewest columns of the exchanged operand staged per pass
@@ -63,7 +63,8 @@ struct Plan {
   int64_t k_chunk = 0;      // columns of the exchanged operand staged in smem per pass
   int64_t weight_rows = 0;  // W_hh rows (forward: G per unit) or W_hh^T rows (backward: 1 per unit), padded to 8
   int64_t tiles = 0;        // 16x8 output tiles per block (= weight_rows / 8)
-  int64_t k_split = 0;      // warps sharing one tile's reduction
+  int64_t tile_groups = 0;  // groups of up to kMaxTilesPerWarp tiles, one warp each per k share
+  int64_t k_split = 0;      // warps sharing one group's reduction (warp w: group w % tile_groups, share w / tile_groups)
   int64_t smem_bytes = 0, workspace_bytes = 0;
 };
 
@@ -124,7 +125,8 @@ inline Plan plan_layer(Cell cell, DType dtype, bool backward, int64_t batch, int
     p.reason = "hidden size too large: too many units per block for the epilogue";
     return p;
   }
-  p.k_split = p.tiles >= kWarps ? 1 : kWarps / p.tiles;
+  p.tile_groups = ceil_div(p.tiles, kMaxTilesPerWarp);
+  p.k_split = kWarps / p.tile_groups;
   const int64_t fixed = weight_smem_bytes(p.weight_rows, p.k_pad, es) + partial_smem_bytes(p.k_split, p.tiles);
   if (fixed + chunk_smem_bytes(p.k_pad, es) <= smem_per_block) {
     p.k_chunk = p.k_pad;
