@@ -1,14 +1,21 @@
 // CPU kernels of the eight primitives, float32 and float64 (the number type T is also the
-// accumulation type). Cells: BLAS for the recurrent GEMM, then one fused pass over the gates
-// using the scalar math of gates.h on SIMD packs. Attention: one pass over the keys per query
-// row with a running-max (online) softmax; the (B, Tq, Tk, A) tanh tensor never exists, and
-// the backward recomputes tanh instead of saving it.
+// accumulation type). BLAS does the linear algebra (the recurrent GEMM of the cells; the dot
+// products of dot attention; dW = dC @ V.T and dV = W.T @ dC of the attention backward); our
+// row kernels do the rest in one pass each, on SIMD packs:
+// - cells: the gate math of gates.h (shared with the CUDA kernels), forward and backward;
+// - additive attention: per query row, the scores of its valid keys (tanh on the fly: the
+//   (B, Tq, Tk, A) tensor never exists), the softmax in place, the context; the backward
+//   recomputes tanh. Keys at or past a row's length are never read.
+// - softmax forward (scale, mask, normalise, lse) and backward, fused.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
@@ -63,14 +70,6 @@ inline void axpy_row(T* y, T alpha, const T* x, int64_t n) {
   for_each_pack<T>(n, [&](int64_t j, int w) {
     (V::load(y + j, w) + V(alpha) * V::load(x + j, w)).store(y + j, w);
   });
-}
-
-template <typename T>
-inline T dot_row(const T* x, const T* y, int64_t n) {
-  using V = Vec<T>;
-  V acc(T(0));
-  for_each_pack<T>(n, [&](int64_t j, int w) { acc += V::load(x + j, w) * V::load(y + j, w); });
-  return acc.sum();
 }
 
 // Calls f(T{}) with T the C++ type of a float32/float64 tensor (the bindings allow no other).
@@ -237,173 +236,152 @@ Sources sources_of(const OptTensor& mask, const OptTensor& lengths, const OptTen
                  kv_batch_idx ? kv_batch_idx->data_ptr<int64_t>() : nullptr, tk};
 }
 
-// One query row: weights[s] = softmax over the valid s of score(s), context = sum_s
-// weights[s] * values[s], lse = log-sum-exp of the valid scores (-inf when there are none).
-// Online softmax: the running max m and sum l rescale the context accumulated so far when a
-// larger score arrives; the raw scores wait in `weights` until lse is known.
-template <typename T, typename Score>
-inline void attend_row(const Sources& src, int64_t b, const T* values, int64_t dv, T* context,
-                       T* weights, T* lse, Score&& score) {
-  T m = -std::numeric_limits<T>::infinity();
-  T l = T(0);
-  std::fill(context, context + dv, T(0));
-  const int64_t end = src.end(b);
-  for (int64_t s = 0; s < end; ++s) {
-    if (!src.valid(b, s)) continue;
-    const T e = score(s);
-    weights[s] = e;
-    if (e > m) {
-      const T rescale = std::exp(m - e);  // 0 for the first valid position (m = -inf)
-      l *= rescale;
-      scale_row(context, rescale, dv);
-      m = e;
-    }
-    const T p = std::exp(e - m);
-    l += p;
-    axpy_row(context, p, values + s * dv, dv);
+// Softmax in place over w[0, end), where -inf marks an invalid position; w[end, tk) is set to 0.
+// Returns the log-sum-exp. A row with no valid position becomes all zeros with lse = -inf.
+// (The weights are an output, so the scores are stored first and normalised in a second,
+// vectorised pass: cheaper on a CPU than rescaling a running sum with a scalar exp per key.)
+template <typename T>
+inline T softmax_in_place(T* w, int64_t end, int64_t tk) {
+  using V = Vec<T>;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  V vmax(kNegInf);
+  for_each_pack<T>(end, [&](int64_t j, int n) { vmax = max_nan(V::load(w + j, n, kNegInf), vmax); });
+  const T m = vmax.max();
+  std::fill(w + end, w + tk, T(0));
+  if (m == kNegInf) {
+    std::fill(w, w + end, T(0));
+    return kNegInf;
   }
-  if (l == T(0)) {  // no valid position: weights 0, context 0, lse -inf
-    std::fill(weights, weights + src.tk, T(0));
-    *lse = -std::numeric_limits<T>::infinity();
-    return;
-  }
-  const T log_sum = m + std::log(l);
-  *lse = log_sum;
-  scale_row(context, T(1) / l, dv);
-  for (int64_t s = 0; s < end; ++s) {
-    weights[s] = src.valid(b, s) ? std::exp(weights[s] - log_sum) : T(0);
-  }
-  std::fill(weights + end, weights + src.tk, T(0));
-}
-
-// Backward of one query batch row i (all its Tq queries, so that dk[i] and dvalues[i] have a
-// single writer): dS = W * (dW - rowsum(W * dW)) with dW = dC @ V.T + grad_weights, then
-// score_grad(t, s, dS) adds the score's own gradient (dq, dk, ...). dvalues_i (Tk, Dv) must be
-// zero on entry; `scratch` holds Tk elements.
-template <typename T, typename ScoreGrad>
-inline void attend_bwd_batch_row(const Sources& src, int64_t b, int64_t tq, const T* grad_context,
-                                 const T* grad_weights, const T* weights, const T* values,
-                                 int64_t dv, T* dvalues_i, T* scratch, ScoreGrad&& score_grad) {
-  const int64_t tk = src.tk;
-  const int64_t end = src.end(b);
-  for (int64_t t = 0; t < tq; ++t) {
-    const T* gc = grad_context + t * dv;
-    const T* gw = grad_weights + t * tk;
-    const T* w = weights + t * tk;
-    T w_dot_dw = T(0);
-    for (int64_t s = 0; s < end; ++s) {
-      if (!src.valid(b, s)) continue;
-      const T dw = gw[s] + dot_row(gc, values + s * dv, dv);
-      scratch[s] = dw;
-      w_dot_dw += w[s] * dw;
-      axpy_row(dvalues_i + s * dv, w[s], gc, dv);
-    }
-    for (int64_t s = 0; s < end; ++s) {
-      if (!src.valid(b, s)) continue;
-      const T ds = w[s] * (scratch[s] - w_dot_dw);
-      if (ds != T(0)) score_grad(t, s, ds);
-    }
-  }
+  V vsum(T(0));
+  for_each_pack<T>(end, [&](int64_t j, int n) {
+    const V e = exp(V::load(w + j, n, kNegInf) - V(m));  // exp(-inf) = 0 at invalid positions
+    e.store(w + j, n);
+    vsum += e;
+  });
+  const T sum = vsum.sum();
+  scale_row(w, T(1) / sum, end);
+  return m + std::log(sum);
 }
 
 template <typename T>
 struct AttentionArgs {
   Sources src;
-  const T *q, *k, *v, *values;  // v: additive attention's score vector (A,), else null
-  int64_t tq, d, dv;            // d: the query/key feature size (A for additive)
-  T scale;                      // dot attention's score scale
-  // forward outputs
-  T *context, *weights, *lse;
-  // backward inputs and outputs
-  const T *grad_context, *grad_weights;
-  T *dq, *dk, *dv_rows, *dvalues;  // dv_rows: (Bq, A) per-row partial sums of dv
+  int64_t tq, d, dv;  // d: the query/key feature size (A for additive attention)
+  T scale;            // dot attention's score scale (1 for additive)
+  const T *q, *k, *v, *values;  // v: additive attention's score vector (A,)
+  T *weights, *lse, *context;   // forward outputs (weights: the raw scores on entry, for dot)
+  const T* saved_weights;       // backward: the forward's weights
+  T* d_scores;                  // backward: dW = dC @ V.T + grad_weights on entry, dS on exit
+  T *dq, *dk, *dv_rows;         // dv_rows: (Bq, A) per-row partial sums of dv
 };
 
+// Additive attention forward, query rows [begin, end): per row, the scores of its valid keys,
+// the softmax in place, then the context. Reads the key/value rows in place (no gather).
 template <typename T>
 FS2S_ROW_KERNEL void additive_fwd_rows(const AttentionArgs<T>& a, int64_t begin, int64_t end) {
   using V = Vec<T>;
-  const int64_t tk = a.src.tk, A = a.d;
+  const int64_t tk = a.src.tk, A = a.d, dv = a.dv;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = a.src.key_row(r / a.tq);
+    const int64_t n_keys = a.src.end(b);
     const T* q = a.q + r * A;
     const T* k = a.k + b * tk * A;
-    attend_row(a.src, b, a.values + b * tk * a.dv, a.dv, a.context + r * a.dv, a.weights + r * tk,
-               a.lse + r, [&](int64_t s) {
-                 V acc(T(0));
-                 for_each_pack<T>(A, [&](int64_t j, int n) {
-                   acc += V::load(a.v + j, n) * tanh(V::load(q + j, n) + V::load(k + s * A + j, n));
-                 });
-                 return acc.sum();
-               });
+    const T* values = a.values + b * tk * dv;
+    T* w = a.weights + r * tk;
+    for (int64_t s = 0; s < n_keys; ++s) {
+      if (!a.src.valid(b, s)) {
+        w[s] = -std::numeric_limits<T>::infinity();
+        continue;
+      }
+      V acc(T(0));
+      for_each_pack<T>(A, [&](int64_t j, int n) {
+        acc += V::load(a.v + j, n) * tanh(V::load(q + j, n) + V::load(k + s * A + j, n));
+      });
+      w[s] = acc.sum();
+    }
+    a.lse[r] = softmax_in_place(w, n_keys, tk);
+    T* context = a.context + r * dv;
+    std::fill(context, context + dv, T(0));
+    for (int64_t s = 0; s < n_keys; ++s) {
+      if (w[s] != T(0)) axpy_row(context, w[s], values + s * dv, dv);
+    }
   }
 }
 
+// Dot attention forward, query rows [begin, end): the raw scores q @ k.T (from BLAS) in the
+// weights rows become the weights: scaled, masked, normalised in place.
 template <typename T>
-FS2S_ROW_KERNEL void additive_bwd_rows(const AttentionArgs<T>& a, int64_t begin, int64_t end) {
+FS2S_ROW_KERNEL void scores_to_weights_rows(const AttentionArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t tk = a.src.tk;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = a.src.key_row(r / a.tq);
+    const int64_t n_keys = a.src.end(b);
+    T* w = a.weights + r * tk;
+    for (int64_t s = 0; s < n_keys; ++s) {
+      w[s] = a.src.valid(b, s) ? a.scale * w[s] : -std::numeric_limits<T>::infinity();
+    }
+    a.lse[r] = softmax_in_place(w, n_keys, tk);
+  }
+}
+
+// Softmax backward, query rows [begin, end), in place: dW = dC @ V.T + grad_weights becomes
+// dS = scale * W * (dW - rowsum(W * dW)) over the valid positions, and 0 elsewhere.
+template <typename T>
+FS2S_ROW_KERNEL void softmax_bwd_rows(const AttentionArgs<T>& a, int64_t begin, int64_t end) {
   using V = Vec<T>;
-  const int64_t tk = a.src.tk, A = a.d, tq = a.tq, dvs = a.dv;
-  std::vector<T> scratch(tk);
+  const int64_t tk = a.src.tk;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = a.src.key_row(r / a.tq);
+    const int64_t n_keys = a.src.end(b);
+    const T* w = a.saved_weights + r * tk;
+    T* d = a.d_scores + r * tk;
+    for (int64_t s = 0; s < n_keys; ++s) {
+      if (!a.src.valid(b, s)) d[s] = T(0);  // whatever the padding held
+    }
+    std::fill(d + n_keys, d + tk, T(0));
+    V w_dot_dw(T(0));
+    for_each_pack<T>(n_keys, [&](int64_t j, int n) { w_dot_dw += V::load(w + j, n) * V::load(d + j, n); });
+    const V total(w_dot_dw.sum()), scale(a.scale);
+    for_each_pack<T>(n_keys, [&](int64_t j, int n) {
+      (scale * V::load(w + j, n) * (V::load(d + j, n) - total)).store(d + j, n);
+    });
+  }
+}
+
+// Additive attention backward through the scores, query batch rows [begin, end) (all Tq
+// queries of a row together, so dk[i] has a single writer): from dS, with tanh recomputed,
+// dq = sum_s dS * v * (1 - t^2), dk[s] = sum_t (same), dv = sum dS * t.
+template <typename T>
+FS2S_ROW_KERNEL void additive_scores_bwd_rows(const AttentionArgs<T>& a, int64_t begin, int64_t end) {
+  using V = Vec<T>;
+  const int64_t tk = a.src.tk, A = a.d, tq = a.tq;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t b = a.src.key_row(i);
+    const int64_t n_keys = a.src.end(b);
     const T* k = a.k + b * tk * A;
     T* dq = a.dq + i * tq * A;
     T* dk = a.dk + i * tk * A;
     T* dv = a.dv_rows + i * A;
-    T* dvalues = a.dvalues + i * tk * dvs;
     std::fill(dq, dq + tq * A, T(0));
     std::fill(dk, dk + tk * A, T(0));
     std::fill(dv, dv + A, T(0));
-    std::fill(dvalues, dvalues + tk * dvs, T(0));
-    attend_bwd_batch_row(
-        a.src, b, tq, a.grad_context + i * tq * dvs, a.grad_weights + i * tq * tk,
-        a.weights + i * tq * tk, a.values + b * tk * dvs, dvs, dvalues, scratch.data(),
-        [&](int64_t t, int64_t s, T ds) {
-          const T* q = a.q + (i * tq + t) * A;
-          T* dq_t = dq + t * A;
-          T* dk_s = dk + s * A;
-          for_each_pack<T>(A, [&](int64_t j, int n) {
-            const V th = tanh(V::load(q + j, n) + V::load(k + s * A + j, n));  // recomputed
-            const V d_pre = V(ds) * V::load(a.v + j, n) * (V(T(1)) - th * th);
-            (V::load(dq_t + j, n) + d_pre).store(dq_t + j, n);
-            (V::load(dk_s + j, n) + d_pre).store(dk_s + j, n);
-            (V::load(dv + j, n) + V(ds) * th).store(dv + j, n);
-          });
+    for (int64_t t = 0; t < tq; ++t) {
+      const T* q = a.q + (i * tq + t) * A;
+      const T* ds_row = a.d_scores + (i * tq + t) * tk;
+      T* dq_t = dq + t * A;
+      for (int64_t s = 0; s < n_keys; ++s) {
+        const T ds = ds_row[s];
+        if (ds == T(0)) continue;  // masked, or no gradient
+        T* dk_s = dk + s * A;
+        for_each_pack<T>(A, [&](int64_t j, int n) {
+          const V th = tanh(V::load(q + j, n) + V::load(k + s * A + j, n));  // recomputed
+          const V d_pre = V(ds) * V::load(a.v + j, n) * (V(T(1)) - th * th);
+          (V::load(dq_t + j, n) + d_pre).store(dq_t + j, n);
+          (V::load(dk_s + j, n) + d_pre).store(dk_s + j, n);
+          (V::load(dv + j, n) + V(ds) * th).store(dv + j, n);
         });
-  }
-}
-
-template <typename T>
-FS2S_ROW_KERNEL void dot_fwd_rows(const AttentionArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t tk = a.src.tk, D = a.d;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = a.src.key_row(r / a.tq);
-    const T* q = a.q + r * D;
-    const T* k = a.k + b * tk * D;
-    attend_row(a.src, b, a.values + b * tk * a.dv, a.dv, a.context + r * a.dv, a.weights + r * tk,
-               a.lse + r, [&](int64_t s) { return a.scale * dot_row(q, k + s * D, D); });
-  }
-}
-
-template <typename T>
-FS2S_ROW_KERNEL void dot_bwd_rows(const AttentionArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t tk = a.src.tk, D = a.d, tq = a.tq, dvs = a.dv;
-  std::vector<T> scratch(tk);
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = a.src.key_row(i);
-    const T* k = a.k + b * tk * D;
-    T* dq = a.dq + i * tq * D;
-    T* dk = a.dk + i * tk * D;
-    T* dvalues = a.dvalues + i * tk * dvs;
-    std::fill(dq, dq + tq * D, T(0));
-    std::fill(dk, dk + tk * D, T(0));
-    std::fill(dvalues, dvalues + tk * dvs, T(0));
-    attend_bwd_batch_row(a.src, b, tq, a.grad_context + i * tq * dvs, a.grad_weights + i * tq * tk,
-                         a.weights + i * tq * tk, a.values + b * tk * dvs, dvs, dvalues,
-                         scratch.data(), [&](int64_t t, int64_t s, T ds) {
-                           const T d_score = ds * a.scale;
-                           axpy_row(dq + t * D, d_score, k + s * D, D);
-                           axpy_row(dk + s * D, d_score, a.q + (i * tq + t) * D, D);
-                         });
+      }
+    }
   }
 }
 
@@ -414,6 +392,46 @@ const T* ptr(const at::Tensor& t) {
 template <typename T>
 T* mut_ptr(at::Tensor& t) {
   return t.data_ptr<T>();
+}
+
+// Key-side tensor seen from the query rows: BLAS needs one key row per query row, so with
+// kv_batch_idx the rows are gathered (as the torch backend does).
+Tensor key_side_rows(const Tensor& t, const OptTensor& kv_batch_idx) {
+  return kv_batch_idx ? t.index_select(0, *kv_batch_idx) : t;
+}
+
+template <typename T>
+AttentionArgs<T> attention_args(const Tensor& q, const Tensor& k, const Tensor& values,
+                                const OptTensor& mask, const OptTensor& lengths,
+                                const OptTensor& kv_batch_idx, double scale) {
+  AttentionArgs<T> a{};
+  a.src = sources_of(mask, lengths, kv_batch_idx, k.size(1));
+  a.tq = q.size(1);
+  a.d = q.size(2);
+  a.dv = values.size(2);
+  a.scale = static_cast<T>(scale);
+  a.q = ptr<T>(q);
+  a.k = ptr<T>(k);
+  a.values = ptr<T>(values);
+  return a;
+}
+
+// Work per item for parallel_for over query rows of attention.
+int64_t attention_row_work(const Tensor& q, const Tensor& k, const Tensor& values) {
+  return k.size(1) * (q.size(2) + values.size(2));
+}
+
+// dW = grad_context @ values.T + grad_weights, turned into dS in place (see softmax_bwd_rows).
+template <typename T>
+Tensor score_grads(AttentionArgs<T>& a, const Tensor& grad_context, const Tensor& grad_weights,
+                   const Tensor& values_rows, const Tensor& weights) {
+  Tensor d_scores = at::baddbmm(grad_weights, grad_context, values_rows.transpose(1, 2));
+  a.saved_weights = ptr<T>(weights);
+  a.d_scores = mut_ptr<T>(d_scores);
+  const int64_t rows = weights.size(0) * weights.size(1);
+  at::parallel_for(0, rows, grain_for(weights.size(2)),
+                   [&](int64_t r0, int64_t r1) { softmax_bwd_rows(a, r0, r1); });
+  return d_scores;
 }
 
 }  // namespace
@@ -480,131 +498,87 @@ std::tuple<Tensor, Tensor> lstm_cell_bwd(const Tensor& grad_h_new, const Tensor&
   return {grad_gates, grad_c};
 }
 
-namespace {
-
-// The outputs of an attention forward and the common arguments of its kernel.
-template <typename T>
-AttentionArgs<T> attention_args(const Tensor& q, const Tensor& k, const Tensor& values,
-                                const OptTensor& mask, const OptTensor& lengths,
-                                const OptTensor& kv_batch_idx) {
-  AttentionArgs<T> a{};
-  a.src = sources_of(mask, lengths, kv_batch_idx, k.size(1));
-  a.q = ptr<T>(q);
-  a.k = ptr<T>(k);
-  a.values = ptr<T>(values);
-  a.tq = q.size(1);
-  a.d = q.size(2);
-  a.dv = values.size(2);
-  return a;
-}
-
-struct FwdOutputs {
-  Tensor context, weights, lse;
-};
-
-FwdOutputs attention_outputs(const Tensor& q, const Tensor& k, const Tensor& values) {
-  const int64_t bq = q.size(0), tq = q.size(1), tk = k.size(1), dv = values.size(2);
-  return {at::empty({bq, tq, dv}, q.options()), at::empty({bq, tq, tk}, q.options()),
-          at::empty({bq, tq}, q.options())};  // CPU: the accumulation dtype is the input's
-}
-
-template <typename T>
-void set_fwd_outputs(AttentionArgs<T>& a, FwdOutputs& out) {
-  a.context = mut_ptr<T>(out.context);
-  a.weights = mut_ptr<T>(out.weights);
-  a.lse = mut_ptr<T>(out.lse);
-}
-
-template <typename T>
-void set_bwd_inputs(AttentionArgs<T>& a, const Tensor& grad_context, const Tensor& grad_weights,
-                    const Tensor& weights) {
-  a.grad_context = ptr<T>(grad_context);
-  a.grad_weights = ptr<T>(grad_weights);
-  a.weights = const_cast<T*>(ptr<T>(weights));  // read only in the backward
-}
-
-}  // namespace
-
 std::tuple<Tensor, Tensor, Tensor> additive_attention_fwd(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& values, const OptTensor& mask,
     const OptTensor& lengths, const OptTensor& kv_batch_idx) {
-  FwdOutputs out = attention_outputs(q, k, values);
+  const int64_t bq = q.size(0), tq = q.size(1), tk = k.size(1), dv = values.size(2);
+  Tensor context = at::empty({bq, tq, dv}, q.options());
+  Tensor weights = at::empty({bq, tq, tk}, q.options());
+  Tensor lse = at::empty({bq, tq}, q.options());  // on CPU the accumulation dtype is the input's
   dispatch_float(q, [&](auto zero) {
     using T = decltype(zero);
-    AttentionArgs<T> a = attention_args<T>(q, k, values, mask, lengths, kv_batch_idx);
+    AttentionArgs<T> a = attention_args<T>(q, k, values, mask, lengths, kv_batch_idx, 1.0);
     a.v = ptr<T>(v);
-    set_fwd_outputs(a, out);
-    const int64_t rows = q.size(0) * q.size(1);
-    at::parallel_for(0, rows, grain_for(k.size(1) * (a.d + a.dv)),
+    a.weights = mut_ptr<T>(weights);
+    a.lse = mut_ptr<T>(lse);
+    a.context = mut_ptr<T>(context);
+    at::parallel_for(0, bq * tq, grain_for(attention_row_work(q, k, values)),
                      [&](int64_t r0, int64_t r1) { additive_fwd_rows(a, r0, r1); });
   });
-  return {out.context, out.weights, out.lse};
+  return {context, weights, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_bwd(
     const Tensor& grad_context, const Tensor& grad_weights, const Tensor& q, const Tensor& k,
     const Tensor& v, const Tensor& values, const OptTensor& mask, const OptTensor& lengths,
     const OptTensor& kv_batch_idx, const Tensor& weights, const Tensor& /*lse*/) {
-  const int64_t bq = q.size(0), tk = k.size(1), A = q.size(2), dvs = values.size(2);
+  const int64_t bq = q.size(0), tk = k.size(1), A = q.size(2);
+  const Tensor values_rows = key_side_rows(values, kv_batch_idx);
   Tensor dq = at::empty_like(q);
   Tensor dk = at::empty({bq, tk, A}, q.options());
   Tensor dv = at::empty({A}, q.options());
-  Tensor dvalues = at::empty({bq, tk, dvs}, q.options());
   dispatch_float(q, [&](auto zero) {
     using T = decltype(zero);
-    AttentionArgs<T> a = attention_args<T>(q, k, values, mask, lengths, kv_batch_idx);
+    AttentionArgs<T> a = attention_args<T>(q, k, values, mask, lengths, kv_batch_idx, 1.0);
     a.v = ptr<T>(v);
-    set_bwd_inputs(a, grad_context, grad_weights, weights);
+    const Tensor d_scores = score_grads(a, grad_context, grad_weights, values_rows, weights);
     std::vector<T> dv_rows(static_cast<size_t>(bq * A));
     a.dq = mut_ptr<T>(dq);
     a.dk = mut_ptr<T>(dk);
     a.dv_rows = dv_rows.data();
-    a.dvalues = mut_ptr<T>(dvalues);
-    at::parallel_for(0, bq, grain_for(q.size(1) * tk * (A + dvs)),
-                     [&](int64_t i0, int64_t i1) { additive_bwd_rows(a, i0, i1); });
+    at::parallel_for(0, bq, grain_for(q.size(1) * tk * A),
+                     [&](int64_t i0, int64_t i1) { additive_scores_bwd_rows(a, i0, i1); });
     // dv is shared by every row: per-row partial sums, added in a fixed order (deterministic).
     T* dv_out = mut_ptr<T>(dv);
     std::fill(dv_out, dv_out + A, T(0));
     for (int64_t i = 0; i < bq; ++i) axpy_row(dv_out, T(1), dv_rows.data() + i * A, A);
   });
+  Tensor dvalues = at::bmm(weights.transpose(1, 2), grad_context);
   return {dq, dk, dv, dvalues};
 }
 
+// Dot attention: the scores and the context are batched GEMMs (BLAS is the fast way on a CPU);
+// between them one fused pass scales, masks and normalises the scores in place.
 std::tuple<Tensor, Tensor, Tensor> dot_attention_fwd(
     const Tensor& q, const Tensor& k, const Tensor& values, const OptTensor& mask,
     const OptTensor& lengths, const OptTensor& kv_batch_idx, double scale) {
-  FwdOutputs out = attention_outputs(q, k, values);
+  Tensor weights = at::bmm(q, key_side_rows(k, kv_batch_idx).transpose(1, 2));
+  Tensor lse = at::empty({q.size(0), q.size(1)}, q.options());
   dispatch_float(q, [&](auto zero) {
     using T = decltype(zero);
-    AttentionArgs<T> a = attention_args<T>(q, k, values, mask, lengths, kv_batch_idx);
-    a.scale = static_cast<T>(scale);
-    set_fwd_outputs(a, out);
-    const int64_t rows = q.size(0) * q.size(1);
-    at::parallel_for(0, rows, grain_for(k.size(1) * (a.d + a.dv) / 8),
-                     [&](int64_t r0, int64_t r1) { dot_fwd_rows(a, r0, r1); });
+    AttentionArgs<T> a = attention_args<T>(q, k, values, mask, lengths, kv_batch_idx, scale);
+    a.weights = mut_ptr<T>(weights);
+    a.lse = mut_ptr<T>(lse);
+    at::parallel_for(0, q.size(0) * q.size(1), grain_for(k.size(1)),
+                     [&](int64_t r0, int64_t r1) { scores_to_weights_rows(a, r0, r1); });
   });
-  return {out.context, out.weights, out.lse};
+  Tensor context = at::bmm(weights, key_side_rows(values, kv_batch_idx));
+  return {context, weights, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> dot_attention_bwd(
     const Tensor& grad_context, const Tensor& grad_weights, const Tensor& q, const Tensor& k,
     const Tensor& values, const OptTensor& mask, const OptTensor& lengths,
     const OptTensor& kv_batch_idx, double scale, const Tensor& weights, const Tensor& /*lse*/) {
-  const int64_t bq = q.size(0), tk = k.size(1), D = q.size(2), dvs = values.size(2);
-  Tensor dq = at::empty_like(q);
-  Tensor dk = at::empty({bq, tk, D}, q.options());
-  Tensor dvalues = at::empty({bq, tk, dvs}, q.options());
+  Tensor d_scores;
   dispatch_float(q, [&](auto zero) {
     using T = decltype(zero);
-    AttentionArgs<T> a = attention_args<T>(q, k, values, mask, lengths, kv_batch_idx);
-    a.scale = static_cast<T>(scale);
-    set_bwd_inputs(a, grad_context, grad_weights, weights);
-    a.dq = mut_ptr<T>(dq);
-    a.dk = mut_ptr<T>(dk);
-    a.dvalues = mut_ptr<T>(dvalues);
-    at::parallel_for(0, bq, grain_for(q.size(1) * tk * (D + dvs) / 8),
-                     [&](int64_t i0, int64_t i1) { dot_bwd_rows(a, i0, i1); });
+    AttentionArgs<T> a = attention_args<T>(q, k, values, mask, lengths, kv_batch_idx, scale);
+    d_scores = score_grads(a, grad_context, grad_weights, key_side_rows(values, kv_batch_idx), weights);
   });
+  Tensor dq = at::bmm(d_scores, key_side_rows(k, kv_batch_idx));
+  Tensor dk = at::bmm(d_scores.transpose(1, 2), q);
+  Tensor dvalues = at::bmm(weights.transpose(1, 2), grad_context);
   return {dq, dk, dvalues};
 }
 

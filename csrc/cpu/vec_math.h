@@ -26,13 +26,14 @@ struct VecTraits<float> {
   static constexpr int kLanes = 8;
   typedef float Raw __attribute__((vector_size(32)));
   typedef int32_t Bits __attribute__((vector_size(32)));
-  // exp: e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln2 / 2; e^r by Taylor to degree 7.
+  // exp: e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln2 / 2; e^r by its Taylor series
+  // to degree kExpTerms - 1 (a power of two terms, for Estrin's scheme).
   static constexpr float kExpHi = 88.37f;    // keeps n <= 127 (a finite power of two)
   static constexpr float kExpLo = -87.33f;   // keeps n >= -126 (a normal power of two)
   static constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to integer
   static constexpr float kLn2Hi = 0.693359375f;      // ln 2 split so that n * kLn2Hi is exact
   static constexpr float kLn2Lo = -2.12194440054690583e-4f;
-  static constexpr int kExpDegree = 7;
+  static constexpr int kExpTerms = 8;   // error r^8 / 8! < 6e-9
   static constexpr int kMantissaBits = 23;
   static constexpr int kExponentBias = 127;
 };
@@ -47,7 +48,7 @@ struct VecTraits<double> {
   static constexpr double kRoundMagic = 6755399441055744.0;  // 1.5 * 2^52
   static constexpr double kLn2Hi = 6.93147180369123816490e-01;
   static constexpr double kLn2Lo = 1.90821492927058770002e-10;
-  static constexpr int kExpDegree = 13;
+  static constexpr int kExpTerms = 16;  // error r^16 / 16! < 1e-20
   static constexpr int kMantissaBits = 52;
   static constexpr int kExponentBias = 1023;
 };
@@ -70,9 +71,9 @@ struct Vec {
     std::memcpy(&r.v, p, sizeof(Raw));
     return r;
   }
-  // The first n lanes from p, the rest zero (the tail of a row).
-  static Vec load(const T* p, int n) {
-    Vec r(T(0));
+  // The first n lanes from p, the others `fill` (the tail of a row).
+  static Vec load(const T* p, int n, T fill = T(0)) {
+    Vec r(fill);
     std::memcpy(&r.v, p, sizeof(T) * n);
     return r;
   }
@@ -83,6 +84,11 @@ struct Vec {
     T s = T(0);
     for (int i = 0; i < kLanes; ++i) s += v[i];
     return s;
+  }
+  T max() const {  // NaN if any lane is NaN
+    T m = v[0];
+    for (int i = 1; i < kLanes; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
+    return m;
   }
 
   friend Vec operator+(Vec a, Vec b) { return Vec(a.v + b.v); }
@@ -104,6 +110,12 @@ inline Vec<T> select(typename Vec<T>::Bits cond, Vec<T> a, Vec<T> b) {
   return Vec<T>((Raw)((cond & (Bits)a.v) | (~cond & (Bits)b.v)));
 }
 
+// Lane-wise maximum; NaN wins, so that a NaN score is not silently dropped.
+template <typename T>
+inline Vec<T> max_nan(Vec<T> a, Vec<T> b) {
+  return select<T>((a.v > b.v) | (a.v != a.v), a, b);
+}
+
 template <typename T>
 inline Vec<T> exp(Vec<T> x) {
   using Tr = VecTraits<T>;
@@ -113,13 +125,30 @@ inline Vec<T> exp(Vec<T> x) {
   // Clamp into range first so the arithmetic below never overflows; fix the ends at the end.
   Raw xc = (Raw)(((Bits)x.v & (x.v < hi)) | ((Bits)hi & ~(x.v < hi)));
   xc = (Raw)(((Bits)xc & (xc > lo)) | ((Bits)lo & ~(xc > lo)));
+  // round(x / ln 2): adding the magic number leaves n in the low mantissa bits of `shifted`
+  // (read as an integer, below) and n itself after subtracting it again.
   const Raw magic = Raw{} + Tr::kRoundMagic;
-  const Raw n = (xc * T(1.4426950408889634) + magic) - magic;  // round(x / ln 2)
+  const Raw shifted = xc * T(1.4426950408889634) + magic;
+  const Raw n = shifted - magic;
   const Raw r = (xc - n * Tr::kLn2Hi) - n * Tr::kLn2Lo;
-  // Horner on the Taylor series of e^r: 1 + r (1 + r/2 (1 + r/3 (...))).
-  Raw p = Raw{} + T(1);
-  for (int k = Tr::kExpDegree; k >= 1; --k) p = T(1) + p * r * (T(1) / T(k));
-  const Bits scale = (__builtin_convertvector(n, Bits) + Tr::kExponentBias) << Tr::kMantissaBits;
+  // The Taylor series of e^r, sum r^i / i!, by Estrin's scheme: pairs of terms joined with
+  // r, then pairs of those with r^2, r^4, ...: a dependency chain of log2(terms) steps instead
+  // of Horner's one step per term (the gate math is latency-bound otherwise).
+  constexpr int kTerms = Tr::kExpTerms;
+  Raw terms[kTerms];
+  T coefficient = T(1);
+  for (int i = 0; i < kTerms; ++i) {
+    terms[i] = Raw{} + coefficient;
+    coefficient /= T(i + 1);
+  }
+  Raw power = r;
+  for (int width = kTerms; width > 1; width /= 2) {
+    for (int i = 0; i < width / 2; ++i) terms[i] = terms[2 * i] + terms[2 * i + 1] * power;
+    power = power * power;
+  }
+  const Raw p = terms[0];
+  const Bits n_int = (Bits)shifted - (Bits)magic;
+  const Bits scale = (n_int + Tr::kExponentBias) << Tr::kMantissaBits;  // 2^n
   Vec<T> out(p * (Raw)scale);
   out = select<T>(x.v > hi, Vec<T>(std::numeric_limits<T>::infinity()), out);
   out = select<T>(x.v < lo, Vec<T>(T(0)), out);
