@@ -42,6 +42,14 @@ namespace {
 
 constexpr int kLoadBatch = 8;  // global loads each thread keeps in flight while staging
 
+// The kernels need sm_80 (mma.sync bf16/f16 m16n8k16, release/acquire at gpu scope). Built for
+// an older architecture (a multi-arch build), they compile but trap; query_plan() refuses them.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define FS2S_PERSISTENT_ARCH_OK 1
+#else
+#define FS2S_PERSISTENT_ARCH_OK 0
+#endif
+
 // ----------------------------------------------------------------------------- element types
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -85,7 +93,11 @@ class GroupBarrier {
   __device__ void arrive() const {
     __syncthreads();
     if (threadIdx.x == 0) {
+#if FS2S_PERSISTENT_ARCH_OK
       asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(counter_), "r"(1u) : "memory");
+#else
+      __trap();
+#endif
     }
   }
 
@@ -93,9 +105,13 @@ class GroupBarrier {
   __device__ void wait(unsigned epoch) const {
     if (threadIdx.x == 0) {
       const unsigned target = epoch * blocks_;
-      unsigned seen;
+      unsigned seen = 0;
       do {
+#if FS2S_PERSISTENT_ARCH_OK
         asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter_) : "memory");
+#else
+        __trap();
+#endif
       } while (static_cast<int>(seen - target) < 0);  // wrap-safe comparison
     }
     __syncthreads();
@@ -206,6 +222,9 @@ __device__ __forceinline__ void mma_k_tile(float (&acc)[kMaxTilesPerWarp][4], co
       if (!slot_used(i, group_tiles, two_banks, odd)) continue;
       const T* w = w_s + ((two_banks ? (i & 3) : i) * 8 + g) * w_pitch + c;
       const uint32_t b0 = lds32(w), b1 = lds32(w + 8);
+#if !FS2S_PERSISTENT_ARCH_OK
+      __trap();
+#else
       float* d = acc[i];
       if constexpr (std::is_same<T, __nv_bfloat16>::value) {
         asm volatile(
@@ -220,6 +239,7 @@ __device__ __forceinline__ void mma_k_tile(float (&acc)[kMaxTilesPerWarp][4], co
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
       }
+#endif
     }
   }
 }
@@ -555,7 +575,6 @@ __device__ __forceinline__ unsigned* group_counter(unsigned* counters) {
 
 template <class Cell, typename T>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardParams<T> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int G = Cell::kGates;
   extern __shared__ __align__(128) unsigned char smem[];
   const Geometry& geo = p.geo;
@@ -622,14 +641,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardParam
   for (int q = 0; q < kMaxPairsPerThread; ++q) {
     if (pairs.on[q]) Cell::finish(p, carry[q], pairs.b[q], pairs.u[q]);
   }
-#else
-  __trap();  // built for an architecture without mma.sync bf16 / release-acquire; query_plan refuses it
-#endif
 }
 
 template <class Cell, typename T>
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardParams<T> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int G = Cell::kGates;
   extern __shared__ __align__(128) unsigned char smem[];
   const Geometry& geo = p.geo;
@@ -692,9 +707,6 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardPar
   for (int q = 0; q < kMaxPairsPerThread; ++q) {
     if (pairs.on[q]) Cell::finish(p, carry[q], pairs.b[q], pairs.u[q]);
   }
-#else
-  __trap();
-#endif
 }
 
 // ------------------------------------------------------------------------------------- host
