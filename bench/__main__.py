@@ -1,4 +1,6 @@
 """`python -m bench`: the benchmark runner (see bench/run.py)."""
+import sys
+
 from bench.run import main
 
-main()
+sys.exit(main())

@@ -55,6 +55,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder")
     p.add_argument("--name", default=None, help="file name stem (default <date>-<device>[-quick])")
     p.add_argument("--plot", action="store_true", help="write a PNG chart of the speed-ups")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--list", action="store_true", help="print the case ids and exit")
     return p.parse_args(argv)
 
@@ -69,6 +70,16 @@ def build_cases(args: argparse.Namespace, ctx: Context) -> List[Case]:
         rx = re.compile(args.filter)
         out = [c for c in out if rx.search(c.id)]
     return out
+
+
+def load_reason(backend: str) -> Optional[str]:
+    """None if our backend loads here, else why not (only the backends asked for are loaded)."""
+    from fused_s2s import backends
+    try:
+        backends.load(backend)
+        return None
+    except Exception as e:
+        return str(e)
 
 
 def measure_case(case: Case, settings: Settings, timing: str, graphs: bool, tag: str) -> List[Dict[str, Any]]:
@@ -105,21 +116,36 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[List[str]] = None) -> int:
+    """Command-line entry point: run the suite, exit status 0."""
+    run_suite(argv)
+    return 0
+
+
+def run_suite(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the cases the arguments select, write the outputs, return the JSON data."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but CUDA is not available here")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
 
-    from fused_s2s import backends
-    requested = [b for b in args.backends.split(",") if b]
-    status = backends.available()
-    backend_notes = {b: status.get(b, "unknown backend") for b in requested}
+    # (--list needs only the case ids: no backend is loaded)
+    backend_notes = {} if args.list else {b: load_reason(b) for b in args.backends.split(",") if b}
     dtypes = None if args.dtype == "config" else [DTYPES[d] for d in args.dtype.split(",")]
     ctx = Context(device=device, compiler=Compiler(args.compile), quick=args.quick, dtypes=dtypes,
-                  backends=[b for b in requested if backend_notes[b] is None])
+                  backends=[b for b, why in backend_notes.items() if why is None])
     cases = build_cases(args, ctx)
     if args.list:
         for c in cases:
@@ -189,4 +215,4 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,13 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the bench package lives at the repository root, next to tests/
 
 from bench import report, run, sanitize_parity  # noqa: E402
-QUICK = ["--device", "cpu", "--quick", "--backends", "torch", "--compile", "off", "--budget-ms", "2"]
+QUICK = ["--device", "cpu", "--quick", "--backends", "torch", "--compile", "off", "--budget-ms", "2", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    data = run.main(QUICK + ["--out", str(out), "--name", "quick", "--plot"])
+    data = run.run_suite(QUICK + ["--out", str(out), "--name", "quick", "--plot"])
     return out, data
 
 
@@ -85,7 +85,7 @@ def test_rows_speedup_and_roofline():
 
 
 def test_time_budget_still_writes_results(tmp_path):
-    data = run.main(QUICK + ["--out", str(tmp_path), "--name", "b", "--family", "cells", "--time-budget", "0"])
+    data = run.run_suite(QUICK + ["--out", str(tmp_path), "--name", "b", "--family", "cells", "--time-budget", "0"])
     assert data["rows"] == []
     results = [r for m in data["measurements"] for r in m["results"] if not r["impl"].startswith("compile")]
     assert results and all(r["skip"].startswith("time budget") for r in results)
@@ -114,7 +114,7 @@ def test_sanitize_parity_script_passes_on_cpu(capsys):
 def test_compiled_baseline_runs(tmp_path):
     if not hasattr(torch, "compile"):
         pytest.skip("torch.compile unavailable")
-    data = run.main(["--device", "cpu", "--quick", "--backends", "torch", "--budget-ms", "2", "--out", str(tmp_path),
-                     "--family", "cells", "--filter", "gru_cell/B=1,.*/fwd$"])
+    data = run.run_suite(["--device", "cpu", "--quick", "--backends", "torch", "--budget-ms", "2", "--threads", "1",
+                          "--out", str(tmp_path), "--family", "cells", "--filter", "gru_cell/B=1,.*/fwd$"])
     (row,) = data["rows"]
     assert row["baselines"]["compile(reference.gru_cell)"] is not None, row["baseline_skips"]
