@@ -17,8 +17,11 @@ verified backends for the device in order and falls back to `torch` with one war
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Dict, Optional, Tuple
 
@@ -67,6 +70,29 @@ def get_backend() -> str:
     return _check_name(env, "FUSED_S2S_BACKEND") if env else "auto"
 
 
+def _import_triton_kernels() -> ModuleType:
+    """`fused_s2s.triton_kernels`: installed from the top-level `triton_kernels/` folder, or,
+    in a source checkout used without installing, loaded from that folder directly."""
+    try:
+        return importlib.import_module("fused_s2s.triton_kernels")
+    except ModuleNotFoundError as e:
+        if e.name != "fused_s2s.triton_kernels":
+            raise
+    source = Path(__file__).resolve().parent.parent / "triton_kernels"
+    if not (source / "__init__.py").is_file():
+        raise ModuleNotFoundError("fused_s2s.triton_kernels is not installed")
+    spec = importlib.util.spec_from_file_location("fused_s2s.triton_kernels", source / "__init__.py",
+                                                  submodule_search_locations=[str(source)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module
+
+
 def _import(name: str) -> ModuleType:
     if name == "torch":
         from . import backend_torch as module
@@ -74,7 +100,7 @@ def _import(name: str) -> ModuleType:
         from ._build import load_extension
         module = load_extension()
     else:
-        module = importlib.import_module("fused_s2s.triton_kernels")
+        module = _import_triton_kernels()
     required = PRIMITIVES + (("unsupported_reason",) if name == "triton" else ())
     missing = [p for p in required if not hasattr(module, p)]
     if missing:
