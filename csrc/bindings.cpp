@@ -7,6 +7,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <optional>
 #include <sstream>
@@ -15,6 +16,17 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+
+#ifdef WITH_CUDA
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <limits>
+
+#include "cuda/launchers.h"
+#endif
 
 
 namespace fused_s2s {
@@ -130,70 +142,7 @@ class Args {
   at::ScalarType dtype_;
 };
 
-// ------------------------------------------------------------------------------------ cells
-
-std::tuple<Tensor, Tensor> gru_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& w_hh,
-                                        const OptTensor& b_hh) {
-  const Args args("gru_cell_fwd", h, "h");
-  args.dim(h, "h", 2);
-  const int64_t B = h.size(0), H = h.size(1);
-  args.floating(h, "h", {B, H});
-  args.floating(gx, "gx", {B, 3 * H});
-  args.floating(w_hh, "w_hh", {3 * H, H});
-  if (b_hh) args.floating(*b_hh, "b_hh", {3 * H});
-#ifdef WITH_CUDA
-  if (args.device().is_cuda()) return cuda::gru_cell_fwd(gx, h, w_hh, b_hh);
-#endif
-  return cpu::gru_cell_fwd(gx, h, w_hh, b_hh);
-}
-
-std::tuple<Tensor, Tensor, Tensor> gru_cell_bwd(const Tensor& grad_h_new, const Tensor& h,
-                                                const Tensor& saved) {
-  const Args args("gru_cell_bwd", h, "h");
-  args.dim(h, "h", 2);
-  const int64_t B = h.size(0), H = h.size(1);
-  args.floating(h, "h", {B, H});
-  args.floating(grad_h_new, "grad_h_new", {B, H});
-  args.floating(saved, "saved", {B, 4 * H});
-#ifdef WITH_CUDA
-  if (args.device().is_cuda()) return cuda::gru_cell_bwd(grad_h_new, h, saved);
-#endif
-  return cpu::gru_cell_bwd(grad_h_new, h, saved);
-}
-
-std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& c,
-                                                 const Tensor& w_hh, const OptTensor& b_hh) {
-  const Args args("lstm_cell_fwd", h, "h");
-  args.dim(h, "h", 2);
-  const int64_t B = h.size(0), H = h.size(1);
-  args.floating(h, "h", {B, H});
-  args.floating(gx, "gx", {B, 4 * H});
-  args.floating(c, "c", {B, H});
-  args.floating(w_hh, "w_hh", {4 * H, H});
-  if (b_hh) args.floating(*b_hh, "b_hh", {4 * H});
-#ifdef WITH_CUDA
-  if (args.device().is_cuda()) return cuda::lstm_cell_fwd(gx, h, c, w_hh, b_hh);
-#endif
-  return cpu::lstm_cell_fwd(gx, h, c, w_hh, b_hh);
-}
-
-std::tuple<Tensor, Tensor> lstm_cell_bwd(const Tensor& grad_h_new, const Tensor& grad_c_new,
-                                         const Tensor& c, const Tensor& c_new, const Tensor& saved) {
-  const Args args("lstm_cell_bwd", c, "c");
-  args.dim(c, "c", 2);
-  const int64_t B = c.size(0), H = c.size(1);
-  args.floating(c, "c", {B, H});
-  args.floating(grad_h_new, "grad_h_new", {B, H});
-  args.floating(grad_c_new, "grad_c_new", {B, H});
-  args.floating(c_new, "c_new", {B, H});
-  args.floating(saved, "saved", {B, 4 * H});
-#ifdef WITH_CUDA
-  if (args.device().is_cuda()) return cuda::lstm_cell_bwd(grad_h_new, grad_c_new, c, c_new, saved);
-#endif
-  return cpu::lstm_cell_bwd(grad_h_new, grad_c_new, c, c_new, saved);
-}
-
-// -------------------------------------------------------------------------------- attention
+// ------------------------------------------------------------------------ attention shapes
 
 // Shapes shared by the attention primitives, read from q (Bq, Tq, D) and k (Bk, Tk, Dk).
 struct AttnShape {
@@ -230,15 +179,279 @@ void check_attention_bwd(const Args& args, const AttnShape& s, const Tensor& gra
   args.fixed(lse, "lse", args.acc_dtype(), {s.bq, s.tq});
 }
 
+#ifdef WITH_CUDA
+// ------------------------------------------------------------------------- CUDA dispatch
+// Outputs and workspace are allocated by torch (its caching allocator) on the tensors' device;
+// the launch goes to the current stream of that device. Zero-sized problems launch nothing.
+namespace cuda_impl {
+
+cuda::DType launcher_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::f32;
+    case at::kHalf: return cuda::DType::f16;
+    case at::kBFloat16: return cuda::DType::bf16;
+    default: TORCH_CHECK_TYPE(false, "no CUDA kernels for dtype ", dtype_name(t));
+  }
+}
+
+void check_launch(cudaError_t status, const char* op) {
+  TORCH_CHECK(status == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(status));
+}
+
+const void* opt_ptr(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
+const bool* mask_ptr(const OptTensor& t) { return t ? t->data_ptr<bool>() : nullptr; }
+const int64_t* index_ptr(const OptTensor& t) { return t ? t->data_ptr<int64_t>() : nullptr; }
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+Tensor workspace(size_t bytes, const Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+std::tuple<Tensor, Tensor> gru_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& w_hh,
+                                        const OptTensor& b_hh) {
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), H = h.size(1);
+  Tensor h_new = at::empty({B, H}, h.options());
+  Tensor saved = at::empty({B, 4 * H}, h.options());
+  if (h_new.numel() == 0) return {h_new, saved};
+  check_launch(cuda::gru_cell_fwd(launcher_dtype(h.scalar_type()), gx.data_ptr(), h.data_ptr(),
+                                  w_hh.data_ptr(), opt_ptr(b_hh), h_new.data_ptr(), saved.data_ptr(),
+                                  B, H, current_stream()),
+               "gru_cell_fwd");
+  return {h_new, saved};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_cell_bwd(const Tensor& grad_h_new, const Tensor& h,
+                                                const Tensor& saved) {
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), H = h.size(1);
+  Tensor grad_gx = at::empty({B, 3 * H}, h.options());
+  Tensor grad_gh = at::empty({B, 3 * H}, h.options());
+  Tensor grad_h_direct = at::empty({B, H}, h.options());
+  if (grad_h_direct.numel() == 0) return {grad_gx, grad_gh, grad_h_direct};
+  check_launch(cuda::gru_cell_bwd(launcher_dtype(h.scalar_type()), grad_h_new.data_ptr(), h.data_ptr(),
+                                  saved.data_ptr(), grad_gx.data_ptr(), grad_gh.data_ptr(),
+                                  grad_h_direct.data_ptr(), B, H, current_stream()),
+               "gru_cell_bwd");
+  return {grad_gx, grad_gh, grad_h_direct};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& c,
+                                                 const Tensor& w_hh, const OptTensor& b_hh) {
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), H = h.size(1);
+  Tensor h_new = at::empty({B, H}, h.options());
+  Tensor c_new = at::empty({B, H}, c.options());
+  Tensor saved = at::empty({B, 4 * H}, h.options());
+  if (h_new.numel() == 0) return {h_new, c_new, saved};
+  check_launch(cuda::lstm_cell_fwd(launcher_dtype(h.scalar_type()), gx.data_ptr(), h.data_ptr(),
+                                   c.data_ptr(), w_hh.data_ptr(), opt_ptr(b_hh), h_new.data_ptr(),
+                                   c_new.data_ptr(), saved.data_ptr(), B, H, current_stream()),
+               "lstm_cell_fwd");
+  return {h_new, c_new, saved};
+}
+
+std::tuple<Tensor, Tensor> lstm_cell_bwd(const Tensor& grad_h_new, const Tensor& grad_c_new,
+                                         const Tensor& c, const Tensor& c_new, const Tensor& saved) {
+  const c10::cuda::CUDAGuard guard(c.device());
+  const int64_t B = c.size(0), H = c.size(1);
+  Tensor grad_gates = at::empty({B, 4 * H}, c.options());
+  Tensor grad_c = at::empty({B, H}, c.options());
+  if (grad_c.numel() == 0) return {grad_gates, grad_c};
+  check_launch(cuda::lstm_cell_bwd(launcher_dtype(c.scalar_type()), grad_h_new.data_ptr(),
+                                   grad_c_new.data_ptr(), c.data_ptr(), c_new.data_ptr(),
+                                   saved.data_ptr(), grad_gates.data_ptr(), grad_c.data_ptr(), B, H,
+                                   current_stream()),
+               "lstm_cell_bwd");
+  return {grad_gates, grad_c};
+}
+
+// Forward outputs; with no query row or no key position they are final as allocated here
+// (context 0, lse -inf) and nothing is launched.
+struct AttnFwdOut {
+  Tensor context, weights, lse;
+  bool empty;
+};
+
+AttnFwdOut attention_fwd_outputs(const Tensor& q, const AttnShape& s) {
+  const bool empty = s.bq * s.tq == 0 || s.tk == 0;
+  const auto opts = q.options();
+  return {empty ? at::zeros({s.bq, s.tq, s.dv}, opts) : at::empty({s.bq, s.tq, s.dv}, opts),
+          at::empty({s.bq, s.tq, s.tk}, opts),
+          empty ? at::full({s.bq, s.tq}, -std::numeric_limits<float>::infinity(), opts.dtype(at::kFloat))
+                : at::empty({s.bq, s.tq}, opts.dtype(at::kFloat)),
+          empty};
+}
+
+// A backward gradient: zeros when nothing is launched (no query row or no key position).
+Tensor grad_output(at::IntArrayRef shape, const Tensor& like, bool empty) {
+  return empty ? at::zeros(shape, like.options()) : at::empty(shape, like.options());
+}
+
+std::tuple<Tensor, Tensor, Tensor> additive_attention_fwd(
+    const AttnShape& s, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& values,
+    const OptTensor& mask, const OptTensor& lengths, const OptTensor& kv_batch_idx, bool approx_tanh) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  AttnFwdOut out = attention_fwd_outputs(q, s);
+  if (out.empty) return {out.context, out.weights, out.lse};
+  const cuda::DType dt = launcher_dtype(q.scalar_type());
+  const size_t bytes = cuda::additive_attention_fwd_workspace_bytes(dt, s.bq, s.tq, s.tk, s.d, s.dv);
+  Tensor ws = workspace(bytes, q);
+  check_launch(cuda::additive_attention_fwd(
+                   dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), values.data_ptr(), mask_ptr(mask),
+                   index_ptr(lengths), index_ptr(kv_batch_idx), out.context.data_ptr(),
+                   out.weights.data_ptr(), out.lse.data_ptr<float>(), s.bq, s.bk, s.tq, s.tk, s.d,
+                   s.dv, approx_tanh, ws.data_ptr(), bytes, current_stream()),
+               "additive_attention_fwd");
+  return {out.context, out.weights, out.lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_bwd(
+    const AttnShape& s, const Tensor& grad_context, const Tensor& grad_weights, const Tensor& q,
+    const Tensor& k, const Tensor& v, const Tensor& values, const OptTensor& mask,
+    const OptTensor& lengths, const OptTensor& kv_batch_idx, const Tensor& weights,
+    const Tensor& lse, bool approx_tanh) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const bool empty = s.bq * s.tq == 0 || s.tk == 0;
+  Tensor dq = grad_output({s.bq, s.tq, s.d}, q, empty);
+  Tensor dk = grad_output({s.bq, s.tk, s.d}, q, empty);
+  Tensor dv = grad_output({s.d}, q, empty);
+  Tensor dvalues = grad_output({s.bq, s.tk, s.dv}, q, empty);
+  if (empty) return {dq, dk, dv, dvalues};
+  const cuda::DType dt = launcher_dtype(q.scalar_type());
+  const size_t bytes = cuda::additive_attention_bwd_workspace_bytes(dt, s.bq, s.tq, s.tk, s.d, s.dv);
+  Tensor ws = workspace(bytes, q);
+  check_launch(cuda::additive_attention_bwd(
+                   dt, grad_context.data_ptr(), grad_weights.data_ptr(), q.data_ptr(), k.data_ptr(),
+                   v.data_ptr(), values.data_ptr(), mask_ptr(mask), index_ptr(lengths),
+                   index_ptr(kv_batch_idx), weights.data_ptr(), lse.data_ptr<float>(), dq.data_ptr(),
+                   dk.data_ptr(), dv.data_ptr(), dvalues.data_ptr(), s.bq, s.bk, s.tq, s.tk, s.d, s.dv,
+                   approx_tanh, ws.data_ptr(), bytes, current_stream()),
+               "additive_attention_bwd");
+  return {dq, dk, dv, dvalues};
+}
+
+std::tuple<Tensor, Tensor, Tensor> dot_attention_fwd(
+    const AttnShape& s, const Tensor& q, const Tensor& k, const Tensor& values,
+    const OptTensor& mask, const OptTensor& lengths, const OptTensor& kv_batch_idx, double scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  AttnFwdOut out = attention_fwd_outputs(q, s);
+  if (out.empty) return {out.context, out.weights, out.lse};
+  const cuda::DType dt = launcher_dtype(q.scalar_type());
+  const size_t bytes = cuda::dot_attention_fwd_workspace_bytes(dt, s.bq, s.tq, s.tk, s.d, s.dv);
+  Tensor ws = workspace(bytes, q);
+  check_launch(cuda::dot_attention_fwd(dt, q.data_ptr(), k.data_ptr(), values.data_ptr(),
+                                       mask_ptr(mask), index_ptr(lengths), index_ptr(kv_batch_idx),
+                                       static_cast<float>(scale), out.context.data_ptr(),
+                                       out.weights.data_ptr(), out.lse.data_ptr<float>(), s.bq, s.bk,
+                                       s.tq, s.tk, s.d, s.dv, ws.data_ptr(), bytes, current_stream()),
+               "dot_attention_fwd");
+  return {out.context, out.weights, out.lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> dot_attention_bwd(
+    const AttnShape& s, const Tensor& grad_context, const Tensor& grad_weights, const Tensor& q,
+    const Tensor& k, const Tensor& values, const OptTensor& mask, const OptTensor& lengths,
+    const OptTensor& kv_batch_idx, double scale, const Tensor& weights, const Tensor& lse) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const bool empty = s.bq * s.tq == 0 || s.tk == 0;
+  Tensor dq = grad_output({s.bq, s.tq, s.d}, q, empty);
+  Tensor dk = grad_output({s.bq, s.tk, s.d}, q, empty);
+  Tensor dvalues = grad_output({s.bq, s.tk, s.dv}, q, empty);
+  if (empty) return {dq, dk, dvalues};
+  const cuda::DType dt = launcher_dtype(q.scalar_type());
+  const size_t bytes = cuda::dot_attention_bwd_workspace_bytes(dt, s.bq, s.tq, s.tk, s.d, s.dv);
+  Tensor ws = workspace(bytes, q);
+  check_launch(cuda::dot_attention_bwd(
+                   dt, grad_context.data_ptr(), grad_weights.data_ptr(), q.data_ptr(), k.data_ptr(),
+                   values.data_ptr(), mask_ptr(mask), index_ptr(lengths), index_ptr(kv_batch_idx),
+                   static_cast<float>(scale), weights.data_ptr(), lse.data_ptr<float>(), dq.data_ptr(),
+                   dk.data_ptr(), dvalues.data_ptr(), s.bq, s.bk, s.tq, s.tk, s.d, s.dv, ws.data_ptr(),
+                   bytes, current_stream()),
+               "dot_attention_bwd");
+  return {dq, dk, dvalues};
+}
+
+}  // namespace cuda_impl
+#endif  // WITH_CUDA
+
+// ------------------------------------------------------------------------------------ cells
+
+std::tuple<Tensor, Tensor> gru_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& w_hh,
+                                        const OptTensor& b_hh) {
+  const Args args("gru_cell_fwd", h, "h");
+  args.dim(h, "h", 2);
+  const int64_t B = h.size(0), H = h.size(1);
+  args.floating(h, "h", {B, H});
+  args.floating(gx, "gx", {B, 3 * H});
+  args.floating(w_hh, "w_hh", {3 * H, H});
+  if (b_hh) args.floating(*b_hh, "b_hh", {3 * H});
+#ifdef WITH_CUDA
+  if (args.device().is_cuda()) return cuda_impl::gru_cell_fwd(gx, h, w_hh, b_hh);
+#endif
+  return cpu::gru_cell_fwd(gx, h, w_hh, b_hh);
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_cell_bwd(const Tensor& grad_h_new, const Tensor& h,
+                                                const Tensor& saved) {
+  const Args args("gru_cell_bwd", h, "h");
+  args.dim(h, "h", 2);
+  const int64_t B = h.size(0), H = h.size(1);
+  args.floating(h, "h", {B, H});
+  args.floating(grad_h_new, "grad_h_new", {B, H});
+  args.floating(saved, "saved", {B, 4 * H});
+#ifdef WITH_CUDA
+  if (args.device().is_cuda()) return cuda_impl::gru_cell_bwd(grad_h_new, h, saved);
+#endif
+  return cpu::gru_cell_bwd(grad_h_new, h, saved);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& c,
+                                                 const Tensor& w_hh, const OptTensor& b_hh) {
+  const Args args("lstm_cell_fwd", h, "h");
+  args.dim(h, "h", 2);
+  const int64_t B = h.size(0), H = h.size(1);
+  args.floating(h, "h", {B, H});
+  args.floating(gx, "gx", {B, 4 * H});
+  args.floating(c, "c", {B, H});
+  args.floating(w_hh, "w_hh", {4 * H, H});
+  if (b_hh) args.floating(*b_hh, "b_hh", {4 * H});
+#ifdef WITH_CUDA
+  if (args.device().is_cuda()) return cuda_impl::lstm_cell_fwd(gx, h, c, w_hh, b_hh);
+#endif
+  return cpu::lstm_cell_fwd(gx, h, c, w_hh, b_hh);
+}
+
+std::tuple<Tensor, Tensor> lstm_cell_bwd(const Tensor& grad_h_new, const Tensor& grad_c_new,
+                                         const Tensor& c, const Tensor& c_new, const Tensor& saved) {
+  const Args args("lstm_cell_bwd", c, "c");
+  args.dim(c, "c", 2);
+  const int64_t B = c.size(0), H = c.size(1);
+  args.floating(c, "c", {B, H});
+  args.floating(grad_h_new, "grad_h_new", {B, H});
+  args.floating(grad_c_new, "grad_c_new", {B, H});
+  args.floating(c_new, "c_new", {B, H});
+  args.floating(saved, "saved", {B, 4 * H});
+#ifdef WITH_CUDA
+  if (args.device().is_cuda()) return cuda_impl::lstm_cell_bwd(grad_h_new, grad_c_new, c, c_new, saved);
+#endif
+  return cpu::lstm_cell_bwd(grad_h_new, grad_c_new, c, c_new, saved);
+}
+
+// -------------------------------------------------------------------------------- attention
+
+
 std::tuple<Tensor, Tensor, Tensor> additive_attention_fwd(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& values, const OptTensor& mask,
-    const OptTensor& lengths, const OptTensor& kv_batch_idx) {
+    const OptTensor& lengths, const OptTensor& kv_batch_idx, bool approx_tanh) {
   const Args args("additive_attention_fwd", q, "q");
   const AttnShape s = check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
   args.floating(v, "v", {s.d});
 #ifdef WITH_CUDA
   if (args.device().is_cuda())
-    return cuda::additive_attention_fwd(q, k, v, values, mask, lengths, kv_batch_idx);
+    return cuda_impl::additive_attention_fwd(s, q, k, v, values, mask, lengths, kv_batch_idx,
+                                             approx_tanh);
 #endif
   return cpu::additive_attention_fwd(q, k, v, values, mask, lengths, kv_batch_idx);
 }
@@ -246,15 +459,15 @@ std::tuple<Tensor, Tensor, Tensor> additive_attention_fwd(
 std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_bwd(
     const Tensor& grad_context, const Tensor& grad_weights, const Tensor& q, const Tensor& k,
     const Tensor& v, const Tensor& values, const OptTensor& mask, const OptTensor& lengths,
-    const OptTensor& kv_batch_idx, const Tensor& weights, const Tensor& lse) {
+    const OptTensor& kv_batch_idx, const Tensor& weights, const Tensor& lse, bool approx_tanh) {
   const Args args("additive_attention_bwd", q, "q");
   const AttnShape s = check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
   args.floating(v, "v", {s.d});
   check_attention_bwd(args, s, grad_context, grad_weights, weights, lse);
 #ifdef WITH_CUDA
   if (args.device().is_cuda())
-    return cuda::additive_attention_bwd(grad_context, grad_weights, q, k, v, values, mask, lengths,
-                                        kv_batch_idx, weights, lse);
+    return cuda_impl::additive_attention_bwd(s, grad_context, grad_weights, q, k, v, values, mask,
+                                             lengths, kv_batch_idx, weights, lse, approx_tanh);
 #endif
   return cpu::additive_attention_bwd(grad_context, grad_weights, q, k, v, values, mask, lengths,
                                      kv_batch_idx, weights, lse);
@@ -264,10 +477,10 @@ std::tuple<Tensor, Tensor, Tensor> dot_attention_fwd(
     const Tensor& q, const Tensor& k, const Tensor& values, const OptTensor& mask,
     const OptTensor& lengths, const OptTensor& kv_batch_idx, double scale) {
   const Args args("dot_attention_fwd", q, "q");
-  check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
+  [[maybe_unused]] const AttnShape s = check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
 #ifdef WITH_CUDA
   if (args.device().is_cuda())
-    return cuda::dot_attention_fwd(q, k, values, mask, lengths, kv_batch_idx, scale);
+    return cuda_impl::dot_attention_fwd(s, q, k, values, mask, lengths, kv_batch_idx, scale);
 #endif
   return cpu::dot_attention_fwd(q, k, values, mask, lengths, kv_batch_idx, scale);
 }
@@ -281,8 +494,8 @@ std::tuple<Tensor, Tensor, Tensor> dot_attention_bwd(
   check_attention_bwd(args, s, grad_context, grad_weights, weights, lse);
 #ifdef WITH_CUDA
   if (args.device().is_cuda())
-    return cuda::dot_attention_bwd(grad_context, grad_weights, q, k, values, mask, lengths,
-                                   kv_batch_idx, scale, weights, lse);
+    return cuda_impl::dot_attention_bwd(s, grad_context, grad_weights, q, k, values, mask, lengths,
+                                        kv_batch_idx, scale, weights, lse);
 #endif
   return cpu::dot_attention_bwd(grad_context, grad_weights, q, k, values, mask, lengths,
                                 kv_batch_idx, scale, weights, lse);
@@ -306,13 +519,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("c"), py::arg("w_hh"), py::arg("b_hh"), nogil);
   m.def("lstm_cell_bwd", &lstm_cell_bwd, "-> (grad_gates, grad_c)", py::arg("grad_h_new"),
         py::arg("grad_c_new"), py::arg("c"), py::arg("c_new"), py::arg("saved"), nogil);
-  m.def("additive_attention_fwd", &additive_attention_fwd, "-> (context, weights, lse)",
+  m.def("additive_attention_fwd", &additive_attention_fwd,
+        "-> (context, weights, lse). approx_tanh: use the GPU's hardware tanh approximation "
+        "(CUDA only; CPU kernels always compute tanh accurately).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("values"), py::arg("mask"),
-        py::arg("lengths"), py::arg("kv_batch_idx"), nogil);
+        py::arg("lengths"), py::arg("kv_batch_idx"), py::arg("approx_tanh") = false, nogil);
   m.def("additive_attention_bwd", &additive_attention_bwd, "-> (dq, dk, dv, dvalues)",
         py::arg("grad_context"), py::arg("grad_weights"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("values"), py::arg("mask"), py::arg("lengths"), py::arg("kv_batch_idx"),
-        py::arg("weights"), py::arg("lse"), nogil);
+        py::arg("weights"), py::arg("lse"), py::arg("approx_tanh") = false, nogil);
   m.def("dot_attention_fwd", &dot_attention_fwd, "-> (context, weights, lse)", py::arg("q"),
         py::arg("k"), py::arg("values"), py::arg("mask"), py::arg("lengths"),
         py::arg("kv_batch_idx"), py::arg("scale"), nogil);

@@ -113,12 +113,19 @@ def cuda_home() -> Optional[str]:
     return _cuda_home_cache["home"]
 
 
-def _use_cuda_home(home: str) -> None:
-    """Make torch's extension builder use `home` (it reads CUDA_HOME once, at import)."""
-    os.environ["CUDA_HOME"] = home
-    cpp_extension = sys.modules.get("torch.utils.cpp_extension")
-    if cpp_extension is not None:
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, told where the CUDA toolkit is (it reads CUDA_HOME once, at
+    import, and guesses wrong when nvcc on PATH is a wrapper outside the toolkit)."""
+    import torch
+
+    home = cuda_home() if torch.version.cuda else None
+    if home is not None:
+        os.environ["CUDA_HOME"] = home
+    from torch.utils import cpp_extension
+
+    if home is not None:
         cpp_extension.CUDA_HOME = home
+    return cpp_extension
 
 
 def _nvidia_wheel_dirs() -> Tuple[List[str], List[str]]:
@@ -248,15 +255,12 @@ def setup_kwargs() -> Dict[str, object]:
     if csrc is None:
         return skip("csrc/ not found")
     try:
-        import torch  # noqa: F401
-        from torch.utils import cpp_extension
+        cpp_extension = _cpp_extension()
     except ImportError as e:
         return skip(f"torch is not importable: {e}; install with --no-build-isolation")
     with_cuda, why = plan_cuda(for_first_use=False)
     print(f"fused_s2s: building the C++ extension, CUDA kernels: "
           f"{'yes' if with_cuda else 'no'} ({why})", file=sys.stderr)
-    if with_cuda:
-        _use_cuda_home(cuda_home())
     opts = build_options(os.path.relpath(csrc), with_cuda)
     extension_class = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     extension = extension_class(
@@ -287,11 +291,12 @@ def setup_kwargs() -> Dict[str, object]:
 
 
 def _first_error_line(text: str) -> str:
+    """The compiler's first error from a build log, else the log's first line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in lines:
         if re.search(r"\berror\b", line, re.IGNORECASE) and not line.startswith("Error building"):
             return line[:300]
-    return (lines[-1] if lines else "unknown error")[:300]
+    return (lines[0] if lines else "unknown error")[:300]
 
 
 _load_lock = threading.Lock()
@@ -306,16 +311,13 @@ def _jit_build() -> ModuleType:
     if csrc is None:
         raise RuntimeError("fused_s2s._C is not installed and the C++ sources (csrc/) are not "
                            "available to build it")
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("fused_s2s._C is not installed and ninja (needed to build it) is missing")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"fused_s2s._C is not installed and no C++ compiler ({compiler}) was found")
     with_cuda, _ = plan_cuda(for_first_use=True)
-    if with_cuda:
-        _use_cuda_home(cuda_home())
     opts = build_options(csrc, with_cuda)
     name = "fused_s2s_C_cuda" if with_cuda else "fused_s2s_C_cpu"
     build_root = os.environ.get("FUSED_S2S_BUILD_DIR")
