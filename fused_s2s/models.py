@@ -230,6 +230,8 @@ class Seq2Seq(nn.Module):
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, return_attention: bool = False):
         """Teacher-forced logits (B,T,V) for tgt_in = [BOS, y...]; with return_attention, also
         the attention weights (B,T,S)."""
+        if src.dim() != 2:
+            raise ValueError(f"src must be (batch, time), got shape {tuple(src.shape)}")
         if tgt_in.dim() != 2 or tgt_in.shape[0] != src.shape[0]:
             raise ValueError(f"tgt_in must be (batch={src.shape[0]}, time), got shape {tuple(tgt_in.shape)}")
         memory, state = self.encode(src, src_lengths)
