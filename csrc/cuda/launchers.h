@@ -11,6 +11,7 @@
 // - a length is clamped to [0, len_k]; kv_batch_idx entries must lie in [0, batch_k)
 //   (the caller checks; a kernel that meets one outside traps rather than read out of bounds);
 // - the caller allocates every output; each output element is written (no pre-zeroing needed);
+//   outputs must not overlap inputs or each other;
 // - math and accumulation in float32; the result is the launch status
 //   (cudaGetLastError() after the last launch), cudaErrorInvalidValue for bad sizes or a
 //   too-small workspace. Zero-sized problems launch nothing and return cudaSuccess;
