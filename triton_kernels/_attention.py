@@ -5,10 +5,9 @@ Forward, for a score function S (additive or dot):
      split's key blocks (none beyond the row's length), writes the raw float32 scores
      (-inf where masked) and keeps an online softmax: running max m, sum l, context acc;
   2. `_combine_kernel`, one program per query: merges the splits into lse, the context and
-     the normalised weights exp(score - lse) (exactly 0 where masked; a row with no valid
-     position gets lse = -inf, zero weights and a zero context).
-The online softmax shifts by the running max only while it is finite, and by 0 otherwise,
-as torch.logsumexp does, so NaN and +inf scores give the reference's NaN pattern.
+     the normalised weights exp(score - max) / sum (exactly 0 where masked; a row with no
+     valid position gets lse = -inf, zero weights and a zero context; a row with a NaN or
+     +inf score is NaN throughout, as torch.softmax makes it).
 
 Backward, from the saved weights:
   `_softmax_bwd_kernel`: dS = W * (dW - rowsum(W * dW)) * scale, dW = dC @ V.T + grad_weights,
@@ -93,7 +92,7 @@ def softmax_block(scores, i, kv, ts, t_ok, ss, end, m, l, acc, ds, d_ok, Tq, Tk,
     scores = tl.where(valid[None, :], scores, float("-inf"))
     tl.store(scores_ptr + (i * Tq + ts)[:, None] * Tk + ss[None, :], scores, mask=t_ok[:, None] & s_ok[None, :])
     m_new = tl.maximum(m, tl.max(scores, axis=1))
-    # shift by the running max while it is finite, else by 0 (as torch.logsumexp does)
+    # shift by the running max while it is finite, else by 0: a NaN or +inf score then shows in l
     shift_old = tl.where(tl.abs(m) < float("inf"), m, 0.0)
     shift_new = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
     alpha = tl.where(m == float("-inf"), 0.0, tl.exp(shift_old - shift_new))  # l, acc are 0 then
@@ -126,24 +125,25 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, scores_ptr, lengths_ptr, kv_idx_ptr,
     l = tl.load(l_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=0.0)
     m_max = tl.max(m, axis=0)
     shift_split = tl.where(tl.abs(m) < float("inf"), m, 0.0)
-    shift = tl.where(tl.abs(m_max) < float("inf"), m_max, 0.0)
-    total = tl.sum(tl.where(m == float("-inf"), 0.0, l * tl.exp(shift_split - shift)), axis=0)
-    # -inf when no position is valid (log(0) spelled out: the interpreter warns on it)
-    lse = tl.where(total == 0.0, float("-inf"), shift + tl.log(tl.where(total == 0.0, 1.0, total)))
-    tl.store(lse_ptr + row, lse)
-    safe = tl.where(lse == float("-inf"), 0.0, lse)
-    split_scale = tl.where(m == float("-inf"), 0.0, tl.exp(shift_split - safe))
+    shift = tl.where(tl.abs(m_max) < float("inf"), m_max, 0.0)  # the row max, as in each split
+    split_scale = tl.where(l == 0.0, 0.0, tl.exp(shift_split - shift))  # an empty split adds nothing
+    total = tl.sum(l * split_scale, axis=0)
+    # a NaN or +inf score makes l NaN or inf: the whole row is NaN, as torch.softmax gives
+    norm = tl.where(total < float("inf"), total, float("nan"))
+    norm = tl.where(total == 0.0, 1.0, norm)  # no valid position: weights and context 0
+    tl.store(lse_ptr + row, tl.where(total == 0.0, float("-inf"), shift + tl.log(norm)))
     for d0 in range(0, Dv, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < Dv
         acc = tl.load(acc_ptr + (row * NUM_SPLITS + splits)[:, None] * Dv + ds[None, :],
                       mask=split_ok[:, None] & d_ok[None, :], other=0.0)
-        context = tl.sum(acc * split_scale[:, None], axis=0)
+        context = tl.sum(acc * split_scale[:, None], axis=0) / norm
         tl.store(context_ptr + row * Dv + ds, context.to(context_ptr.dtype.element_ty), mask=d_ok)
+    # exp(s - max) / sum rather than exp(s - lse): exact for the largest scores
     for s0 in range(0, Tk, BLOCK_K):
         ss = s0 + tl.arange(0, BLOCK_K)
         scores = tl.load(scores_ptr + row * Tk + ss, mask=ss < kv_len, other=float("-inf"))
-        weights = tl.exp(scores - safe)
+        weights = tl.exp(scores - shift) / norm
         tl.store(weights_ptr + row * Tk + ss, weights.to(weights_ptr.dtype.element_ty), mask=ss < Tk)
 
 
