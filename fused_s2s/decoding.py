@@ -24,7 +24,7 @@ from .data import BOS, EOS, PAD, Vocab, encode_sources
 class Hypotheses:
     """One decoded hypothesis per source.
 
-    tokens (B,T) int64, ending with EOS (unless max_len cut it), PAD after; lengths (B,)
+    tokens (B,T) int64, ending with EOS (unless the length limit cut it), PAD after; lengths (B,)
     counts tokens up to and including EOS; log_probs (B,) is the sum of the token
     log-probabilities (not length-normalised); attention (B,T,S) when asked for.
     """
@@ -34,26 +34,26 @@ class Hypotheses:
     attention: Optional[Tensor] = None
 
 
-def _default_max_len(src_lengths: Tensor) -> int:
-    return 2 * int(src_lengths.max()) + 10
-
-
-def _check_inputs(src: Tensor, src_lengths: Tensor, max_len: Optional[int]) -> int:
+def _length_limits(src: Tensor, src_lengths: Tensor, max_len: Optional[int]) -> Tensor:
+    """(B,) int64: how many tokens each source may produce. The default, 2 * source length + 10,
+    is per source, so a source decodes the same whatever batch it is in."""
     if not isinstance(src, Tensor) or src.dim() != 2 or src.shape[0] == 0:
         raise ValueError(f"src must be a non-empty (batch, time) tensor, got {getattr(src, 'shape', src)}")
     if not isinstance(src_lengths, Tensor) or src_lengths.shape != src.shape[:1]:
-        raise ValueError(f"src_lengths must be a ({src.shape[0]},) tensor, got {getattr(src_lengths, 'shape', src_lengths)}")
-    max_len = _default_max_len(src_lengths) if max_len is None else max_len
+        raise ValueError(f"src_lengths must be a ({src.shape[0]},) tensor, got "
+                         f"{getattr(src_lengths, 'shape', src_lengths)}")
+    if max_len is None:
+        return 2 * src_lengths.to(src.device, torch.long) + 10
     if not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-    return max_len
+    return torch.full((src.shape[0],), max_len, dtype=torch.long, device=src.device)
 
 
 @torch.no_grad()
 def greedy_decode(model, src: Tensor, src_lengths: Tensor, max_len: Optional[int] = None,
                   return_attention: bool = False) -> Hypotheses:
     """Pick the most likely token at each step, for every source of the batch at once."""
-    max_len = _check_inputs(src, src_lengths, max_len)
+    limits = _length_limits(src, src_lengths, max_len)
     memory, state = model.encode(src, src_lengths)
     batch = src.shape[0]
     tokens = torch.full((batch,), BOS, dtype=torch.long, device=src.device)
@@ -61,7 +61,7 @@ def greedy_decode(model, src: Tensor, src_lengths: Tensor, max_len: Optional[int
     log_probs = torch.zeros(batch, device=src.device)
     out: List[Tensor] = []
     attention: List[Tensor] = []
-    for _ in range(max_len):
+    for step in range(int(limits.max())):
         step_log_probs, state, weights = model.decode_step(tokens, state, memory)
         best, tokens = step_log_probs.max(dim=-1)
         tokens = tokens.masked_fill(finished, PAD)
@@ -69,7 +69,7 @@ def greedy_decode(model, src: Tensor, src_lengths: Tensor, max_len: Optional[int
         out.append(tokens)
         if return_attention:
             attention.append(weights)
-        finished |= tokens == EOS
+        finished |= (tokens == EOS) | (step + 1 >= limits)
         if bool(finished.all()):
             break
     tokens = torch.stack(out, dim=1)
@@ -88,9 +88,10 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, beam_size: int = 5, max
     finished (per hypothesis, never lost afterwards), the best k others stay live. A source is
     done once it has k finished hypotheses, or, with length_penalty=0, once its best finished
     one scores at least as well as every live one (log-probabilities only fall as a
-    hypothesis grows). Beam size 1 is greedy decoding.
+    hypothesis grows), or at its length limit (then, if none finished, its best live one is
+    the answer). Beam size 1 is greedy decoding.
     """
-    max_len = _check_inputs(src, src_lengths, max_len)
+    limits = _length_limits(src, src_lengths, max_len)
     if not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
     if length_penalty < 0:
@@ -103,46 +104,40 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, beam_size: int = 5, max
     state = state.select(memory.kv_batch_idx)
     row_base = (torch.arange(batch, device=device) * k)[:, None]
     sources = torch.arange(batch, device=device)
+    first_k = torch.arange(2 * k, device=device) < k
 
     scores = torch.zeros(batch, k, device=device)
     scores[:, 1:] = float("-inf")  # the beams start identical: keep one so the first step has no duplicates
     scores = scores.view(rows)
     tokens = torch.full((rows,), BOS, dtype=torch.long, device=device)
-    # per source: best finished hypothesis (normalised score, raw score, step of its EOS, the
-    # live row it extended), and how many finished ones were found
-    best_norm = torch.full((batch,), float("-inf"), device=device)
-    best_raw = torch.full((batch,), float("-inf"), device=device)
-    best_step = torch.full((batch,), -1, dtype=torch.long, device=device)
-    best_parent = torch.zeros(batch, dtype=torch.long, device=device)
+    # per source, the answer so far: normalised and raw score, the step of its last token, the
+    # row to walk back from, whether that last token is an EOS not kept in the beam
+    best = _Best(batch, device)
     num_finished = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     history: List[Tensor] = []
     parents: List[Tensor] = []
     attention: List[Tensor] = []
-    for step in range(max_len):
+    for step in range(int(limits.max())):
         step_log_probs, state, weights = model.decode_step(tokens, state, memory)
         vocab = step_log_probs.shape[-1]
         if return_attention:
             attention.append(weights)
         # every live hypothesis has step + 1 tokens after this step, so the raw score ranks them
         candidates = (scores[:, None] + step_log_probs).view(batch, k * vocab)
-        top, best = candidates.topk(2 * k, dim=1)
-        token, parent = best % vocab, row_base + best // vocab
+        top, pick = candidates.topk(2 * k, dim=1)
+        token, parent = pick % vocab, row_base + pick // vocab
         is_eos = token == EOS
 
-        # finish the EOS extensions that rank within the top k
-        finishing = is_eos & (torch.arange(2 * k, device=device) < k) & ~done[:, None]
-        norm = top / float(step + 1) ** length_penalty
-        cand_norm, cand_pos = norm.masked_fill(~finishing, float("-inf")).max(dim=1)
-        better = cand_norm > best_norm
-        best_norm = torch.where(better, cand_norm, best_norm)
-        best_raw = torch.where(better, top[sources, cand_pos], best_raw)
-        best_step = torch.where(better, torch.full_like(best_step, step), best_step)
-        best_parent = torch.where(better, parent[sources, cand_pos], best_parent)
+        # set aside the EOS extensions that rank within the top k
+        finishing = is_eos & first_k & ~done[:, None]
+        norm = (top / float(step + 1) ** length_penalty).masked_fill(~finishing, float("-inf"))
+        cand_norm, cand_pos = norm.max(dim=1)
+        best.offer(cand_norm, top[sources, cand_pos], step, parent[sources, cand_pos], eos=True)
         num_finished += finishing.sum(dim=1)
 
-        # the best k extensions that do not end keep going (a row adds at most one EOS, so
-        # at least k of the 2k are not EOS)
+        # the best k extensions that do not end stay live (a row adds at most one EOS, so at
+        # least k of the 2k are not EOS)
         keep = torch.where(is_eos, 2 * k, torch.arange(2 * k, device=device)).topk(k, dim=1, largest=False).indices
         scores = top.gather(1, keep).view(rows)
         tokens = token.gather(1, keep).view(rows)
@@ -151,45 +146,63 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, beam_size: int = 5, max
         history.append(tokens)
         parents.append(parent)
 
-        done |= num_finished >= k
+        # a source at its length limit with nothing finished answers with its best live hypothesis
+        at_limit = (step + 1 >= limits) & ~done
+        live_best, live_pos = scores.view(batch, k).max(dim=1)
+        fallback = at_limit & (num_finished == 0)
+        live_norm = live_best / float(step + 1) ** length_penalty
+        best.offer(torch.where(fallback, live_norm, float("-inf")), live_best, step,
+                   row_base[:, 0] + live_pos, eos=False)
+        done |= at_limit | (num_finished >= k)
         if length_penalty == 0:
-            done |= best_raw >= scores.view(batch, k).max(dim=1).values
+            done |= best.raw >= live_best
         if bool(done.all()):
             break
+    return _backtrack(history, parents, attention if return_attention else None, best)
 
-    return _backtrack(history, parents, attention if return_attention else None, scores.view(batch, k),
-                      row_base[:, 0], best_raw, best_step, best_parent)
+
+class _Best:
+    """Per source, the best answer found so far and where its tokens are."""
+
+    def __init__(self, batch: int, device) -> None:
+        self.norm = torch.full((batch,), float("-inf"), device=device)
+        self.raw = torch.full((batch,), float("-inf"), device=device)
+        self.step = torch.zeros(batch, dtype=torch.long, device=device)
+        self.row = torch.zeros(batch, dtype=torch.long, device=device)
+        self.eos = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def offer(self, norm: Tensor, raw: Tensor, step: int, row: Tensor, eos: bool) -> None:
+        """Take the candidates whose normalised score beats the current answer.
+
+        eos=True: the answer is the hypothesis on `row` (as it was before `step`) plus an EOS at
+        `step`; eos=False: the live hypothesis on `row` after `step`."""
+        better = norm > self.norm
+        self.norm = torch.where(better, norm, self.norm)
+        self.raw = torch.where(better, raw, self.raw)
+        self.step = torch.where(better, torch.full_like(self.step, step), self.step)
+        self.row = torch.where(better, row, self.row)
+        self.eos = torch.where(better, torch.full_like(self.eos, eos), self.eos)
 
 
 def _backtrack(history: List[Tensor], parents: List[Tensor], attention: Optional[List[Tensor]],
-               live_scores: Tensor, row_base: Tensor, best_raw: Tensor, best_step: Tensor,
-               best_parent: Tensor) -> Hypotheses:
-    """Rebuild each source's best hypothesis from the per-step tokens and back-pointers: its
-    best finished one, or its best live one when none finished within max_len."""
-    steps = len(history)
-    finished = best_step >= 0
-    live_best, live_pos = live_scores.max(dim=1)
-    # end = index of the last token; the row pointer walks back from the row that token extends
-    end = torch.where(finished, best_step, torch.full_like(best_step, steps - 1))
-    row = torch.where(finished, best_parent, row_base + live_pos)
-    log_probs = torch.where(finished, best_raw, live_best)
-    length = end + 1
-    tokens = torch.full((len(row), int(length.max())), PAD, dtype=torch.long, device=row.device)
-    tokens[finished, end[finished]] = EOS
+               best: _Best) -> Hypotheses:
+    """Rebuild each source's answer from the per-step tokens and back-pointers."""
+    end, row, eos = best.step, best.row.clone(), best.eos
+    tokens = torch.full((len(row), int(end.max()) + 1), PAD, dtype=torch.long, device=row.device)
+    tokens[eos, end[eos]] = EOS
     att = None
     if attention is not None:
         att = attention[0].new_zeros(len(row), tokens.shape[1], attention[0].shape[-1])
-    for t in range(tokens.shape[1] - 1, -1, -1):  # later steps hold no kept token
+    for t in range(tokens.shape[1] - 1, -1, -1):
+        at_eos = eos & (t == end)
+        walk = (t < end) | (~eos & (t == end))  # positions whose token is in the history
         if attention is not None:
             # the step-t weights were computed on the row that step t extended
-            at_end = finished & (t == end)
-            extended = torch.where(at_end, row, parents[t][row])
-            upto = t <= end
-            att[upto, t] = attention[t][extended][upto]
-        inside = (t < end) | (~finished & (t == end))
-        tokens[inside, t] = history[t][row][inside]
-        row = torch.where(inside, parents[t][row], row)
-    return Hypotheses(tokens, length, log_probs, att)
+            extended = torch.where(at_eos, row, parents[t][row])
+            att[t <= end, t] = attention[t][extended][t <= end]
+        tokens[walk, t] = history[t][row][walk]
+        row = torch.where(walk, parents[t][row], row)
+    return Hypotheses(tokens, end + 1, best.raw, att)
 
 
 def decode(model, src: Tensor, src_lengths: Tensor, beam_size: int = 1, **kwargs) -> Hypotheses:

@@ -75,6 +75,23 @@ def test_beam_one_is_greedy_untrained(cell, attention):
     torch.testing.assert_close(g.log_probs, teacher_forced_log_prob(model, batch, g.tokens))
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_source_decodes_the_same_in_any_batch(beam_size):
+    """Per-source length limits: an untrained model that never says EOS gives each source the
+    same output alone as in a batch with longer sources."""
+    model = build("gru", "bahdanau").eval()
+    src_vocab, tgt_vocab = date_vocabs()
+    batch = make_batch(date_task(6, 1, seed=2)[0], src_vocab, tgt_vocab)
+    together = decode(model, batch.src, batch.src_lengths, beam_size)
+    assert (together.lengths == 2 * batch.src_lengths + 10).any()  # some source ran to its limit
+    for i in range(6):
+        n = int(batch.src_lengths[i])
+        alone = decode(model, batch.src[i:i + 1, :n], batch.src_lengths[i:i + 1], beam_size)
+        assert alone.tokens[0].tolist() == together.tokens[i, :alone.tokens.shape[1]].tolist()
+        assert int(alone.lengths[0]) == int(together.lengths[i]) <= 2 * n + 10
+        torch.testing.assert_close(alone.log_probs[0], together.log_probs[i])
+
+
 def test_beam_one_is_greedy_trained(trained):
     model, batch = trained
     g = greedy_decode(model, batch.src, batch.src_lengths)
