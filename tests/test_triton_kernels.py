@@ -395,7 +395,9 @@ def _compile_every_kernel_for_sm90():
     """Compile every kernel with every autotune config for sm_90 (Triton's compiler and
     ptxas; no GPU needed): what the interpreter accepts but a GPU compile would reject (tl.dot
     blocks < 16, type mismatches, unsupported casts) fails here. Each config gets one
-    (dtype, query block) combination, cycling so that every combination is compiled."""
+    (dtype, query block) combination, cycling so that every combination is compiled; each
+    kernel also compiles with all its sizes 1 (Triton specialises an integer argument equal
+    to 1 into a constant, which the interpreter never does)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -404,12 +406,16 @@ def _compile_every_kernel_for_sm90():
     float32_buffers = {"scores_ptr", "m_ptr", "l_ptr", "acc_ptr", "d_scores_ptr", "dv_part_ptr", "lse_ptr"}
     index_args = {"lengths_ptr", "kv_idx_ptr"}
 
-    def compile_one(kernel, dtype, p_dtype, constexprs, num_warps):
+    def compile_one(kernel, dtype, p_dtype, constexprs, num_warps, sizes_one=False):
+        """sizes_one: every integer argument 1, which Triton's launcher turns into a constant."""
         signature = {}
+        constexprs = dict(constexprs)
         for param in kernel.params:
             name = param.name
             if param.is_constexpr:
                 signature[name] = "constexpr"
+            elif sizes_one and not name.endswith("_ptr") and name != "scale":
+                signature[name], constexprs[name] = "constexpr", 1
             elif name == "mask_ptr":
                 signature[name] = "*u8"
             elif name in index_args:
@@ -440,9 +446,12 @@ def _compile_every_kernel_for_sm90():
             compile_one(kernel.fn, dtype, "fp32" if n % 2 else dtype,
                         dict(flags, BLOCK_T=block_t, **config.kwargs), config.num_warps)
             count += 1
+        config = kernel.configs[0]
+        compile_one(kernel.fn, "fp32", "fp32", dict(flags, BLOCK_T=1, **config.kwargs), config.num_warps, True)
+        count += 1
     for kernel in (gru_cell._gru_cell_bwd_kernel, lstm_cell._lstm_cell_bwd_kernel, _attention._combine_kernel):
-        for dtype in ("fp32", "bf16"):
-            compile_one(kernel, dtype, dtype, flags, 4)
+        for dtype, sizes_one in (("fp32", False), ("bf16", False), ("fp16", True)):
+            compile_one(kernel, dtype, dtype, flags, 4, sizes_one)
             count += 1
     print(f"compiled {count} kernel variants for sm_90")
 

@@ -38,27 +38,32 @@ def query_block(tq: int) -> int:
 
 
 def _prune_large_tiles(configs_, named_args, **kwargs):
-    """Drop configs whose register tiles would spill: the (BLOCK_S, BLOCK_DV) value tile and
-    the (BLOCK_T, BLOCK_S, BLOCK_F) tile of additive scores. Keeps at least the smallest."""
+    """Drop configs whose register tiles (the (BLOCK_T, BLOCK_DV) context, the (BLOCK_S, BLOCK_DV)
+    values, the (BLOCK_T, BLOCK_S, BLOCK_F) additive scores) exceed 128 elements a thread:
+    past that, ptxas spills on sm_90. Keeps at least the lightest config."""
     args = {**named_args, **kwargs}
+    t, dv = args.get("BLOCK_T", 1), args.get("BLOCK_DV", 0)
 
-    def largest_tile(c):
-        s = c.kwargs["BLOCK_S"]
-        return max(s * args.get("BLOCK_DV", 1), args.get("BLOCK_T", 1) * s * c.kwargs.get("BLOCK_F", 1))
-    kept = [c for c in configs_ if largest_tile(c) <= 8192]
-    return kept or [min(configs_, key=largest_tile)]
+    def per_thread(c):
+        s, f = c.kwargs["BLOCK_S"], c.kwargs.get("BLOCK_F", 1)
+        return (t * dv + s * dv + t * s * f) / (32 * c.num_warps)
+    kept = [c for c in configs_ if per_thread(c) <= 128]
+    return kept or [min(configs_, key=per_thread)]
 
 
 # Autotune candidates per kernel family: block over keys (S) and over the feature dim (F: A
 # for additive scores, D for dot scores, the output width for the products).
 KEY_FEATURE_CONFIGS = configs(
-    [triton.Config({"BLOCK_S": 16, "BLOCK_F": 32}, num_warps=4),
-     triton.Config({"BLOCK_S": 32, "BLOCK_F": 16}, num_warps=4),
+    [triton.Config({"BLOCK_S": 16, "BLOCK_F": 16}, num_warps=4),
+     triton.Config({"BLOCK_S": 16, "BLOCK_F": 32}, num_warps=4),
+     triton.Config({"BLOCK_S": 16, "BLOCK_F": 16}, num_warps=8),
+     triton.Config({"BLOCK_S": 32, "BLOCK_F": 16}, num_warps=8),
      triton.Config({"BLOCK_S": 32, "BLOCK_F": 32}, num_warps=8),
      triton.Config({"BLOCK_S": 64, "BLOCK_F": 16}, num_warps=8)],
     triton.Config({"BLOCK_S": 16, "BLOCK_F": 16}, num_warps=4))
 KEY_CONFIGS = configs(
     [triton.Config({"BLOCK_S": 16}, num_warps=4),
+     triton.Config({"BLOCK_S": 16}, num_warps=8),
      triton.Config({"BLOCK_S": 32}, num_warps=4),
      triton.Config({"BLOCK_S": 64}, num_warps=8)],
     triton.Config({"BLOCK_S": 16}, num_warps=4))

@@ -171,13 +171,14 @@ def configs(gpu: list, interpreted: triton.Config) -> list:
 
 
 # The recurrent step's (batch block, hidden block, reduction block): small batches (a decoder
-# step) want narrow hidden blocks so that enough programs share the weight reads.
+# step) want narrow hidden blocks so that enough programs share the weight reads. Each of these
+# compiles for sm_90 without register spills, for GRU and LSTM, float32 and bfloat16.
 CELL_CONFIGS = configs(
-    [triton.Config({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 64}, num_warps=2),
-     triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4),
-     triton.Config({"BLOCK_B": 32, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4),
-     triton.Config({"BLOCK_B": 64, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4),
-     triton.Config({"BLOCK_B": 64, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=8)],
+    [triton.Config({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 32}, num_warps=4),
+     triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4),
+     triton.Config({"BLOCK_B": 16, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=8),
+     triton.Config({"BLOCK_B": 32, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=8),
+     triton.Config({"BLOCK_B": 64, "BLOCK_H": 32, "BLOCK_K": 16}, num_warps=8)],
     triton.Config({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 16}, num_warps=4))
 
 POINTWISE_BLOCK = 1024  # elements per program of the cells' backward kernels
