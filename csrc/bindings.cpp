@@ -510,6 +510,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_s2s kernels: the eight primitives of the kernel contract (see "
             "fused_s2s.backend_torch), on CPU tensors and, when has_cuda, on CUDA tensors.";
   m.attr("has_cuda") = py::bool_(kHasCuda);
+#define FS2S_STRINGIFY(x) #x
+#define FS2S_STRING(x) FS2S_STRINGIFY(x)
+#ifdef FS2S_SOURCE_HASH
+  // digest of the csrc/ tree this module was built from (see fused_s2s/_build.py)
+  m.attr("source_hash") = FS2S_STRING(FS2S_SOURCE_HASH);
+#endif
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("gru_cell_fwd", &gru_cell_fwd, "-> (h_new, saved)", py::arg("gx"), py::arg("h"),
         py::arg("w_hh"), py::arg("b_hh"), nogil);

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -58,6 +59,21 @@ def source_dir() -> Optional[str]:
         if os.path.isfile(os.path.join(candidate, "bindings.cpp")):
             return candidate
     return None
+
+
+def source_hash(csrc: str) -> str:
+    """A digest of every file under csrc/: the compiled module carries the one it was built
+    from, so that an in-place build older than the sources is noticed (and rebuilt)."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(csrc)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith((".h", ".cuh", ".cpp", ".cu")):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, csrc).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def sources(csrc: str, with_cuda: bool) -> List[str]:
@@ -183,7 +199,8 @@ def plan_cuda(for_first_use: bool) -> Tuple[bool, str]:
 
 def build_options(csrc: str, with_cuda: bool) -> Dict[str, object]:
     """Sources and flags of the extension, for setuptools and for torch's JIT `load` alike."""
-    cxx = ["-O3", "-Wno-psabi"]  # psabi: notes about 32-byte vector arguments of inline helpers
+    cxx = ["-O3", "-Wno-psabi",  # psabi: notes about 32-byte vector arguments of inline helpers
+           f"-DFS2S_SOURCE_HASH={source_hash(csrc)}"]
     nvcc = ["-O3", "-lineinfo",
             # torch adds these defines for every .cu file; the kernels are written for CUDA's
             # own half/bfloat16 operators, as plain nvcc compiles them.
@@ -359,8 +376,14 @@ def load_extension() -> ModuleType:
 
         installed_error = None
         try:
-            _loaded = importlib.import_module(EXTENSION_NAME)
-            return _loaded
+            installed = importlib.import_module(EXTENSION_NAME)
+            csrc = source_dir()
+            if csrc is None or getattr(installed, "source_hash", None) == source_hash(csrc):
+                _loaded = installed
+                return _loaded
+            print("fused_s2s: the installed fused_s2s._C was built from other sources than csrc/ "
+                  "holds now; rebuilding", file=sys.stderr)
+            installed_error = "the installed fused_s2s._C does not match csrc/"
         except ImportError as e:
             if not (isinstance(e, ModuleNotFoundError) and e.name == EXTENSION_NAME):
                 installed_error = f"the installed fused_s2s._C does not import ({e})"
@@ -370,5 +393,8 @@ def load_extension() -> ModuleType:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             _load_error = f"{installed_error}; {reason}" if installed_error else reason
             raise RuntimeError(_load_error) from None
+        # `import fused_s2s._C` now finds the module built here
         sys.modules[EXTENSION_NAME] = _loaded
+        if "fused_s2s" in sys.modules:
+            sys.modules["fused_s2s"]._C = _loaded
         return _loaded
