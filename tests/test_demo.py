@@ -72,6 +72,12 @@ def test_demo_rejects_bad_options(capsys):
         assert word in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_demo_without_a_gpu_says_so():
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        cli.main(["demo", "--device", "cuda"])
+
+
 def test_info_prints_the_backend_report(capsys):
     assert cli.main(["info"]) == 0
     assert capsys.readouterr().out.strip() == backends.describe().strip()
