@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import random
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor

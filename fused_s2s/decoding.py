@@ -110,8 +110,6 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, beam_size: int = 5, max
     scores[:, 1:] = float("-inf")  # the beams start identical: keep one so the first step has no duplicates
     scores = scores.view(rows)
     tokens = torch.full((rows,), BOS, dtype=torch.long, device=device)
-    # per source, the answer so far: normalised and raw score, the step of its last token, the
-    # row to walk back from, whether that last token is an EOS not kept in the beam
     best = _Best(batch, device)
     num_finished = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
