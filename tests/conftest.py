@@ -17,6 +17,9 @@ import pytest  # noqa: E402
 
 from fused_s2s import backends  # noqa: E402
 
+# The test problems are tiny: intra-op threads only add contention on a small, busy CPU.
+torch.set_num_threads(1)
+
 # float32 means IEEE float32 in every comparison, ours and the plain-PyTorch yardstick alike
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

@@ -10,15 +10,6 @@ from fused_s2s.models import DecoderState, Memory, Seq2Seq
 from fused_s2s.train import evaluate, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: intra-op threads only add contention (and spin on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(cell, attention, seed=0):
     torch.manual_seed(seed)
     src_vocab, tgt_vocab = date_vocabs()
@@ -29,13 +20,10 @@ def build(cell, attention, seed=0):
 def trained(request):
     """A model trained briefly: it writes well-formed dates but is unsure of them, so beam
     search finds better hypotheses than greedy on many of these examples."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = build(*request.param)
     src_vocab, tgt_vocab = date_vocabs()
     train_pairs, test_pairs = date_task(5000, 64, seed=1)
     train(model, training_batches(train_pairs, src_vocab, tgt_vocab, 64, seed=1), 150, lr=5e-3, progress=False)
-    torch.set_num_threads(threads)
     return model.eval(), make_batch(test_pairs, src_vocab, tgt_vocab)
 
 

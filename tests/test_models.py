@@ -11,15 +11,6 @@ from fused_s2s.train import load_checkpoint, save_checkpoint
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: intra-op threads only add contention (and spin on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 COMBOS = [(c, a) for c in CELLS for a in ATTENTIONS]
 
 

@@ -11,15 +11,6 @@ import fused_s2s
 from fused_s2s.patch import patch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: intra-op threads only add contention (and spin on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # A translation model in the style of the PyTorch seq2seq tutorial, written with plain torch.nn.
 
 class EncoderRNN(nn.Module):
@@ -171,6 +162,4 @@ def test_patch_bad_arguments():
 
 
 def test_patch_is_exported():
-    if not callable(getattr(fused_s2s, "patch", None)):  # absent, or only the submodule
-        pytest.xfail("fused_s2s/__init__.py does not export patch yet")
     assert fused_s2s.patch is patch
