@@ -69,6 +69,19 @@ bool dtype_supported(const at::Device& device, at::ScalarType t) {
   return false;
 }
 
+bool stream_is_capturing([[maybe_unused]] const Tensor& t) {
+#ifdef WITH_CUDA
+  if (t.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(t.device());
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    const cudaError_t err = cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &status);
+    TORCH_CHECK(err == cudaSuccess, "cudaStreamIsCapturing: ", cudaGetErrorString(err));
+    return status != cudaStreamCaptureStatusNone;
+  }
+#endif
+  return false;
+}
+
 // The checks of one call. The first floating tensor fixes the device and dtype of the call;
 // every other tensor must be on that device, with the dtype its role requires.
 class Args {
@@ -106,9 +119,11 @@ class Args {
                       shape_str(t.sizes()));
   }
 
-  // kv_batch_idx must index key rows: [0, bk). Costs a device sync on CUDA.
+  // kv_batch_idx must index key rows: [0, bk). On CUDA this costs a copy to the host and a
+  // sync, and is skipped while a CUDA graph is being captured (no host copy is allowed then;
+  // the kernels trap on an index out of range rather than read out of bounds).
   void index_range(const Tensor& idx, const char* name, int64_t bk) const {
-    if (idx.numel() == 0) return;
+    if (idx.numel() == 0 || stream_is_capturing(idx)) return;
     const Tensor cpu_idx = idx.is_cpu() ? idx : idx.to(at::kCPU);
     const int64_t* p = cpu_idx.data_ptr<int64_t>();
     for (int64_t i = 0; i < cpu_idx.numel(); ++i) {
@@ -444,7 +459,7 @@ std::tuple<Tensor, Tensor> lstm_cell_bwd(const Tensor& grad_h_new, const Tensor&
 
 std::tuple<Tensor, Tensor, Tensor> additive_attention_fwd(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& values, const OptTensor& mask,
-    const OptTensor& lengths, const OptTensor& kv_batch_idx, bool approx_tanh) {
+    const OptTensor& lengths, const OptTensor& kv_batch_idx, [[maybe_unused]] bool approx_tanh) {
   const Args args("additive_attention_fwd", q, "q");
   const AttnShape s = check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
   args.floating(v, "v", {s.d});
@@ -459,7 +474,8 @@ std::tuple<Tensor, Tensor, Tensor> additive_attention_fwd(
 std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_bwd(
     const Tensor& grad_context, const Tensor& grad_weights, const Tensor& q, const Tensor& k,
     const Tensor& v, const Tensor& values, const OptTensor& mask, const OptTensor& lengths,
-    const OptTensor& kv_batch_idx, const Tensor& weights, const Tensor& lse, bool approx_tanh) {
+    const OptTensor& kv_batch_idx, const Tensor& weights, const Tensor& lse,
+    [[maybe_unused]] bool approx_tanh) {
   const Args args("additive_attention_bwd", q, "q");
   const AttnShape s = check_attention(args, q, k, values, mask, lengths, kv_batch_idx);
   args.floating(v, "v", {s.d});

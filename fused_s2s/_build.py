@@ -11,7 +11,8 @@ Environment:
                              CI does, and makes a failed build an error at install time); unset:
                              setup.py builds them when torch has CUDA and nvcc is found, the
                              first-use build when additionally a GPU is visible
-  TORCH_CUDA_ARCH_LIST       GPU architectures (default "8.0;9.0" plus those of visible GPUs)
+  TORCH_CUDA_ARCH_LIST       GPU architectures (default: "8.0;9.0" plus the visible GPUs'; the
+                             first-use build: the visible GPUs' only)
   MAX_JOBS                   parallel compile jobs (read by torch's ninja build)
   FUSED_S2S_PTXAS_VERBOSE=1  pass -Xptxas -v to nvcc (registers, spills per kernel)
   FUSED_S2S_BUILD_DIR        cache folder of the first-use build (default: torch's extensions dir)
@@ -159,17 +160,18 @@ def _nvidia_wheel_dirs() -> Tuple[List[str], List[str]]:
     return includes, libs
 
 
-def default_arch_list() -> str:
-    """"8.0;9.0" plus the architectures of the visible GPUs (so a newer GPU gets its own code)."""
+def default_arch_list(for_first_use: bool) -> str:
+    """The first-use build targets the visible GPUs only (it is local by construction, and half
+    the compile time of two architectures); an installed build "8.0;9.0" plus the visible GPUs."""
     import torch
 
-    archs = DEFAULT_ARCH_LIST.split(";")
+    visible = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
-            if f"{major}.{minor}" not in archs:
-                archs.append(f"{major}.{minor}")
-    return ";".join(archs)
+            visible.append(f"{major}.{minor}")
+    archs = [] if (for_first_use and visible) else DEFAULT_ARCH_LIST.split(";")
+    return ";".join(archs + [a for a in dict.fromkeys(visible) if a not in archs])
 
 
 def plan_cuda(for_first_use: bool) -> Tuple[bool, str]:
@@ -226,11 +228,11 @@ def build_options(csrc: str, with_cuda: bool) -> Dict[str, object]:
 
 
 @contextlib.contextmanager
-def _arch_list_env() -> Iterator[None]:
+def _arch_list_env(for_first_use: bool) -> Iterator[None]:
     """TORCH_CUDA_ARCH_LIST as the user set it, else our default, for the duration of a build."""
     old = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not old:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(for_first_use)
     try:
         yield
     finally:
@@ -291,14 +293,15 @@ def setup_kwargs() -> Dict[str, object]:
 
     class BuildExtension(cpp_extension.BuildExtension):
         def build_extensions(self) -> None:
-            with _arch_list_env():
+            with _arch_list_env(for_first_use=False):
                 try:
                     super().build_extensions()
                 except Exception as e:  # noqa: BLE001 - any compiler failure
                     if strict:
                         raise
                     print(f"fused_s2s: WARNING: building the C++ extension failed "
-                          f"({_first_error_line(str(e))}); installing without it", file=sys.stderr)
+                          f"({_first_error_line(str(e))}; compiler output above); installing "
+                          f"without it", file=sys.stderr)
 
     cmdclass["build_ext"] = BuildExtension
     return {"ext_modules": [extension], "cmdclass": cmdclass}
@@ -344,7 +347,7 @@ def _jit_build() -> ModuleType:
     verbose = bool(_env_flag("FUSED_S2S_VERBOSE_BUILD"))
     print(f"fused_s2s: building the C++ extension{' with CUDA kernels' if with_cuda else ''} "
           f"(first use; cached afterwards)...", file=sys.stderr, flush=True)
-    with _arch_list_env():
+    with _arch_list_env(for_first_use=True):
         try:
             module = cpp_extension.load(
                 name=name,
