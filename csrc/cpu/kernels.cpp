@@ -78,6 +78,7 @@ void dispatch_float(const at::Tensor& t, F&& f) {
   if (t.scalar_type() == at::kDouble) {
     f(double{});
   } else {
+    TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat, "CPU kernels take float32 or float64");
     f(float{});
   }
 }
@@ -548,7 +549,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_bwd(
 }
 
 // Dot attention: the scores and the context are batched GEMMs (BLAS is the fast way on a CPU);
-// between them one fused pass scales, masks and normalises the scores in place.
+// between them one fused pass scales, masks and normalises the scores in place. Unlike the
+// additive kernels (and the CUDA ones), the GEMMs read the keys/values past a row's length:
+// they must be finite there, as for the torch backend (their weights are exactly 0).
 std::tuple<Tensor, Tensor, Tensor> dot_attention_fwd(
     const Tensor& q, const Tensor& k, const Tensor& values, const OptTensor& mask,
     const OptTensor& lengths, const OptTensor& kv_batch_idx, double scale) {

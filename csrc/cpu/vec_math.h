@@ -121,10 +121,11 @@ inline Vec<T> exp(Vec<T> x) {
   using Tr = VecTraits<T>;
   using Bits = typename Vec<T>::Bits;
   using Raw = typename Vec<T>::Raw;
-  const Raw hi = Raw{} + Tr::kExpHi, lo = Raw{} + Tr::kExpLo;
+  const Vec<T> hi(Tr::kExpHi), lo(Tr::kExpLo);
   // Clamp into range first so the arithmetic below never overflows; fix the ends at the end.
-  Raw xc = (Raw)(((Bits)x.v & (x.v < hi)) | ((Bits)hi & ~(x.v < hi)));
-  xc = (Raw)(((Bits)xc & (xc > lo)) | ((Bits)lo & ~(xc > lo)));
+  Vec<T> clamped = select<T>(x.v < hi.v, x, hi);
+  clamped = select<T>(clamped.v > lo.v, clamped, lo);
+  const Raw xc = clamped.v;
   // round(x / ln 2): adding the magic number leaves n in the low mantissa bits of `shifted`
   // (read as an integer, below) and n itself after subtracting it again.
   const Raw magic = Raw{} + Tr::kRoundMagic;
@@ -150,8 +151,8 @@ inline Vec<T> exp(Vec<T> x) {
   const Bits n_int = (Bits)shifted - (Bits)magic;
   const Bits scale = (n_int + Tr::kExponentBias) << Tr::kMantissaBits;  // 2^n
   Vec<T> out(p * (Raw)scale);
-  out = select<T>(x.v > hi, Vec<T>(std::numeric_limits<T>::infinity()), out);
-  out = select<T>(x.v < lo, Vec<T>(T(0)), out);
+  out = select<T>(x.v > hi.v, Vec<T>(std::numeric_limits<T>::infinity()), out);
+  out = select<T>(x.v < lo.v, Vec<T>(T(0)), out);
   return select<T>(x.v != x.v, x, out);  // NaN stays NaN
 }
 
