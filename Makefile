@@ -25,6 +25,6 @@ $(DEPS_STAMP):
 	touch $@
 
 # --no-build-isolation: the extension must compile against the torch installed above.
-$(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/include/*/*.h)
+$(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h csrc/include/*/*.h)
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,demo]'
 	mkdir -p build && touch $@

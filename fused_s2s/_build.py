@@ -345,8 +345,8 @@ def _jit_build() -> ModuleType:
     if build_directory:
         os.makedirs(build_directory, exist_ok=True)
     verbose = bool(_env_flag("FUSED_S2S_VERBOSE_BUILD"))
-    print(f"fused_s2s: building the C++ extension{' with CUDA kernels' if with_cuda else ''} "
-          f"(first use; cached afterwards)...", file=sys.stderr, flush=True)
+    print(f"fused_s2s: loading the C++ extension{' with CUDA kernels' if with_cuda else ''} "
+          f"(compiled on first use, then cached)...", file=sys.stderr, flush=True)
     with _arch_list_env(for_first_use=True):
         try:
             module = cpp_extension.load(

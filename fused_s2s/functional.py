@@ -172,6 +172,12 @@ def _prepare_attention(query: Tensor, keys: Tensor, values: Tensor, mask, length
     return q, keys, values, mask, lengths, kv_batch_idx
 
 
+def _pick_attention(backend: Optional[str], op: str, q: Tensor, k: Tensor, values: Tensor) -> str:
+    if q.shape[2] == 0 or values.shape[2] == 0:
+        return "torch"  # a zero feature size leaves nothing for a kernel to compute
+    return _pick(backend, op, q, _attention_largest(q, k, values))
+
+
 def _attention_largest(q: Tensor, k: Tensor, values: Tensor) -> int:
     """Elements in the largest tensor a call reads or writes (the weights are (Bq, Tq, Tk))."""
     return max(q.numel(), k.numel(), values.numel(), q.shape[0] * q.shape[1] * k.shape[1],
@@ -196,7 +202,7 @@ def additive_attention(q_proj: Tensor, k_proj: Tensor, v: Tensor, values: Tensor
     _check_tensor("v", v, (1,), q)
     _require(q.shape[2] == k.shape[2] == v.shape[0],
              f"q_proj, k_proj and v must share the attention size, got {q.shape[2]}, {k.shape[2]}, {v.shape[0]}")
-    name = _pick(backend, "additive_attention", q, _attention_largest(q, k, vals))
+    name = _pick_attention(backend, "additive_attention", q, k, vals)
     context, weights = AdditiveAttentionFunction.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), vals.contiguous(), mask, lengths, kv_batch_idx, name)
     return (context, weights) if q_proj.dim() == 3 else (context.squeeze(1), weights.squeeze(1))
@@ -211,7 +217,7 @@ def dot_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Te
         query, keys, values, mask, lengths, kv_batch_idx, "query", "keys")
     _require(q.shape[2] == k.shape[2], f"query and keys must share the feature size, got {q.shape[2]} and {k.shape[2]}")
     scale = 1.0 if scale is None else float(scale)
-    name = _pick(backend, "dot_attention", q, _attention_largest(q, k, vals))
+    name = _pick_attention(backend, "dot_attention", q, k, vals)
     context, weights = DotAttentionFunction.apply(
         q.contiguous(), k.contiguous(), vals.contiguous(), mask, lengths, kv_batch_idx, scale, name)
     return (context, weights) if query.dim() == 3 else (context.squeeze(1), weights.squeeze(1))
