@@ -428,7 +428,9 @@ def _compile_every_kernel_for_sm90():
                 signature[name] = "*" + dtype
             else:
                 signature[name] = "fp32" if name == "scale" else "i32"
-        constexprs = {n: v for n, v in constexprs.items() if signature.get(n) == "constexpr"}
+        # keys as (argument index,): what every Triton 3.x takes (newer ones also take names)
+        constexprs = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()
+                      if signature.get(n) == "constexpr"}
         triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
