@@ -52,7 +52,7 @@ _dot = _dot_input_precision if "input_precision" in inspect.signature(tl.dot).pa
 @triton.jit
 def mm(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b, accumulated in float32. USE_DOT: tl.dot (every block dim >= 16 on a GPU);
-    otherwise a broadcast product and a sum, for a one-row `a` (a matrix-vector product)."""
+    otherwise a broadcast product and a sum, for blocks of one query (a dimension of 1)."""
     if USE_DOT:
         if a.dtype != b.dtype:  # e.g. float32 probabilities times half values: in float32
             acc = _dot(a.to(tl.float32), b.to(tl.float32), acc, PRECISION)
