@@ -15,7 +15,8 @@ global memory behind one grid barrier per step.
   ping-pong state buffer, masking by lengths, then the barrier. They test the tiling logic on a
   machine without a GPU.
 - `previous_states()` and `recurrent_weight_gradients()` are what the caller does around the
-  backward kernel (the state before each step; dW_hh and db_hh as whole-sequence GEMMs).
+  backward kernel (the state before each step; dW_hh and db_hh as whole-sequence GEMMs);
+  fused_s2s/persistent_autograd.py uses them around the bound kernels.
 - `estimate_step_us()` is the first-principles time per step used in bench/NOTES.md.
 
 Layout: padded and time-major, gx (T,B,G*H) = x @ W_ih^T + b_ih, h0/c0 (B,H), W_hh (G*H,H),
@@ -231,11 +232,11 @@ def _plan_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float64 else dtype
 
 
-def _lengths(lengths: Optional[Tensor], batch: int, steps: int) -> Tensor:
-    """Per-row step counts, clamped to [0, steps] as the kernel does."""
+def _lengths(lengths: Optional[Tensor], batch: int, steps: int, device: torch.device = torch.device("cpu")) -> Tensor:
+    """Per-row step counts on `device`, clamped to [0, steps] as the kernel does."""
     if lengths is None:
-        return torch.full((batch,), steps, dtype=torch.int64)
-    return lengths.to(torch.int64).cpu().clamp(0, steps)
+        return torch.full((batch,), steps, dtype=torch.int64, device=device)
+    return lengths.to(device=device, dtype=torch.int64).clamp(0, steps)
 
 
 @dataclass
@@ -416,7 +417,7 @@ def previous_states(seq: Tensor, initial: Tensor, lengths: Optional[Tensor] = No
     if not reverse:
         return torch.cat([initial[None], seq[:-1]])
     shifted = torch.cat([seq[1:], initial[None]])
-    lens = _lengths(lengths, batch, steps).to(seq.device)
+    lens = _lengths(lengths, batch, steps, seq.device)
     first = torch.arange(steps, device=seq.device)[:, None] == (lens - 1)[None, :]
     return torch.where(first[..., None], initial[None].expand_as(seq), shifted)
 

@@ -1,0 +1,190 @@
+"""Autograd Functions over the persistent whole-sequence GRU/LSTM kernels (fused_s2s._C built
+with CUDA; see csrc/cuda/persistent_rnn.h and fused_s2s/persistent.py).
+
+Layout: padded and time-major. gx (T,B,G*H) = x @ W_ih^T + b_ih for all steps (one GEMM by the
+caller: `persistent_gru_layer` / `persistent_lstm_layer` do it), h0/c0 (B,H), W_hh (G*H,H), b_hh
+(G*H) or None, lengths (B,) or None. A row b runs the steps t < lengths[b] (from its own last
+step when reversed, as in a PackedSequence); `out` is zero past a row's length and h_n/c_n are
+the state after its last step. One launch per layer direction, forward and backward; the
+backward kernel gives the gate gradients of every step and dW_hh, db_hh are whole-sequence GEMMs
+here (dW_ih, db_ih and dx follow from gx through autograd).
+
+Not used by fused_s2s.GRU/LSTM yet: `persistent_layer_available()` is the question they will ask.
+"""
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+from .autograd import _no_autocast
+from .functional import _autocast
+from .persistent import MAX_ROWS_PER_BLOCK, previous_states, recurrent_weight_gradients
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _extension() -> ModuleType:
+    return backends.load("cpp")
+
+
+def _kernels() -> Tuple[Optional[ModuleType], Optional[str]]:
+    """(the compiled module, None) if it has the persistent kernels, else (None, why not)."""
+    try:
+        module = _extension()
+    except backends.BackendUnavailable as e:
+        return None, str(e)
+    if not hasattr(module, "persistent_gru_fwd"):
+        return None, "fused_s2s._C was built without CUDA kernels, so without the persistent kernels"
+    return module, None
+
+
+def _require_kernels() -> ModuleType:
+    module, reason = _kernels()
+    if module is None:
+        raise RuntimeError(f"persistent GRU/LSTM kernels unavailable: {reason}")
+    return module
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_reason(cell: str, dtype: torch.dtype, batch: int, hidden: int, device: torch.device, backward: bool,
+                 max_blocks: int, max_rows_per_block: int) -> Optional[str]:
+    plan = _require_kernels().persistent_rnn_plan(cell, dtype, batch, hidden, device, backward=backward,
+                                                  max_blocks=max_blocks, max_rows_per_block=max_rows_per_block)
+    return None if plan["fits"] else f"{'backward' if backward else 'forward'} plan: {plan['reason']}"
+
+
+def persistent_layer_available(mode: str, x: Tensor, hidden: int, *, training: bool = True,
+                               batch_first: bool = False, max_blocks: int = 0,
+                               max_rows_per_block: int = MAX_ROWS_PER_BLOCK) -> Optional[str]:
+    """None if a `mode` ("GRU"/"LSTM") layer direction of `hidden` units over the padded input
+    x (T,B,I), or (B,T,I) with batch_first, can run on the persistent kernels here, in x's
+    dtype; else the reason it cannot. `training`: the backward kernel must fit too."""
+    cell = str(mode).lower()
+    if cell not in ("gru", "lstm"):
+        return f"mode must be 'GRU' or 'LSTM', got {mode!r}"
+    _, reason = _kernels()
+    if reason is not None:
+        return reason
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        return "x must be a 3-D tensor"
+    if not x.is_cuda:
+        return f"the persistent kernels need CUDA tensors, got device {x.device}"
+    if x.dtype not in _DTYPES:
+        return f"the persistent kernels support float32/float16/bfloat16, not {x.dtype}"
+    batch = x.shape[0 if batch_first else 1]
+    device = torch.device("cuda", x.device.index if x.device.index is not None else torch.cuda.current_device())
+    for backward in (False, True) if training else (False,):
+        reason = _plan_reason(cell, x.dtype, int(batch), int(hidden), device, backward, int(max_blocks),
+                              int(max_rows_per_block))
+        if reason is not None:
+            return reason
+    return None
+
+
+def _lengths_on(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    return None if lengths is None else lengths.to(device=like.device, dtype=torch.int64).contiguous()
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+class PersistentGRUFunction(torch.autograd.Function):
+    """apply(gx, h0, w_hh, b_hh, lengths, reverse, max_blocks=0, max_rows_per_block=16) -> (out, h_n).
+    Saves out, h0 and the gates [r, z, n, gh_n] of every step."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor],
+                reverse: bool, max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK):
+        kernels = _require_kernels()
+        lengths = _lengths_on(lengths, gx)
+        knobs = (int(max_blocks), int(max_rows_per_block))
+        save = any(ctx.needs_input_grad[:4])
+        out, h_n, saved = kernels.persistent_gru_fwd(gx.contiguous(), h0.contiguous(), w_hh.contiguous(),
+                                                     _contiguous(b_hh), lengths, bool(reverse), save, *knobs)
+        if save:
+            ctx.save_for_backward(out, h0.contiguous(), saved, w_hh.contiguous(), lengths)
+        ctx.setup = (bool(reverse), b_hh is not None, knobs)
+        ctx.set_materialize_grads(False)  # a missing gradient is passed to the kernel as None (zero)
+        return out, h_n
+
+    @staticmethod
+    @_no_autocast
+    def backward(ctx, grad_out: Optional[Tensor], grad_h_n: Optional[Tensor]):
+        out, h0, saved, w_hh, lengths = ctx.saved_tensors
+        reverse, has_bias, knobs = ctx.setup
+        grad_gx, grad_gh, grad_h0 = _require_kernels().persistent_gru_bwd(
+            _contiguous(grad_out), _contiguous(grad_h_n), out, h0, saved, w_hh, lengths, reverse, *knobs)
+        grad_w_hh, grad_b_hh = _recurrent_grads(ctx, 2, grad_gh, out, h0, lengths, reverse, has_bias)
+        return grad_gx, grad_h0, grad_w_hh, grad_b_hh, None, None, None, None
+
+
+class PersistentLSTMFunction(torch.autograd.Function):
+    """apply(gx, h0, c0, w_hh, b_hh, lengths, reverse, max_blocks=0, max_rows_per_block=16) ->
+    (out, h_n, c_n). Saves out, h0, c0, the activated gates and the cell state of every step."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
+                lengths: Optional[Tensor], reverse: bool, max_blocks: int = 0,
+                max_rows_per_block: int = MAX_ROWS_PER_BLOCK):
+        kernels = _require_kernels()
+        lengths = _lengths_on(lengths, gx)
+        knobs = (int(max_blocks), int(max_rows_per_block))
+        save = any(ctx.needs_input_grad[:5])
+        h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
+        out, h_n, c_n, saved, c_seq = kernels.persistent_lstm_fwd(gx.contiguous(), h0, c0, w_hh, _contiguous(b_hh),
+                                                                  lengths, bool(reverse), save, *knobs)
+        if save:
+            ctx.save_for_backward(out, h0, c0, saved, c_seq, w_hh, lengths)
+        ctx.setup = (bool(reverse), b_hh is not None, knobs)
+        ctx.set_materialize_grads(False)
+        return out, h_n, c_n
+
+    @staticmethod
+    @_no_autocast
+    def backward(ctx, grad_out: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor]):
+        out, h0, c0, saved, c_seq, w_hh, lengths = ctx.saved_tensors
+        reverse, has_bias, knobs = ctx.setup
+        grad_gates, grad_h0, grad_c0 = _require_kernels().persistent_lstm_bwd(
+            _contiguous(grad_out), _contiguous(grad_h_n), _contiguous(grad_c_n), c0, c_seq, saved, w_hh, lengths,
+            reverse, *knobs)
+        grad_w_hh, grad_b_hh = _recurrent_grads(ctx, 3, grad_gates, out, h0, lengths, reverse, has_bias)
+        return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, None, None, None, None
+
+
+def _recurrent_grads(ctx, w_index: int, grad_gh: Tensor, out: Tensor, h0: Tensor, lengths: Optional[Tensor],
+                     reverse: bool, has_bias: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """dW_hh = grad_gh^T @ h_prev and db_hh = sum(grad_gh) over the whole sequence, where asked
+    for (W_hh is input `w_index` of the Function, b_hh the next one)."""
+    need_w, need_b = ctx.needs_input_grad[w_index], has_bias and ctx.needs_input_grad[w_index + 1]
+    if not need_w:
+        return None, (grad_gh.reshape(-1, grad_gh.shape[-1]).sum(0) if need_b else None)
+    grad_w_hh, grad_b_hh = recurrent_weight_gradients(grad_gh, previous_states(out, h0, lengths, reverse), need_b)
+    return grad_w_hh, grad_b_hh
+
+
+def persistent_gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                         b_hh: Optional[Tensor], lengths: Optional[Tensor] = None, reverse: bool = False, *,
+                         max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK) -> Tuple[Tensor, Tensor]:
+    """One GRU layer direction over the padded time-major x (T,B,I) -> (out (T,B,H), h_n (B,H))."""
+    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
+    gx = F.linear(x, w_ih, b_ih)  # the input projection: one GEMM for all steps
+    return PersistentGRUFunction.apply(gx, h0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block)
+
+
+def persistent_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                          b_hh: Optional[Tensor], lengths: Optional[Tensor] = None, reverse: bool = False, *,
+                          max_blocks: int = 0,
+                          max_rows_per_block: int = MAX_ROWS_PER_BLOCK) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer direction over the padded time-major x (T,B,I) -> (out, h_n, c_n)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    gx = F.linear(x, w_ih, b_ih)
+    return PersistentLSTMFunction.apply(gx, h0, c0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block)

@@ -1,0 +1,350 @@
+"""The persistent whole-sequence GRU/LSTM kernels through their autograd Functions: parity with
+the float64 reference (the per-step math of the design, and nn.GRU/nn.LSTM), gradients, lengths,
+reverse, the plan knobs and bad input. Everything but the last test needs a GPU."""
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from conftest import assert_close_to_reference
+from fused_s2s import persistent as P
+from fused_s2s import persistent_autograd as PA
+from fused_s2s.persistent_autograd import (PersistentGRUFunction, PersistentLSTMFunction, persistent_gru_layer,
+                                           persistent_layer_available, persistent_lstm_layer)
+
+CELLS = ("gru", "lstm")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+gpu = pytest.mark.gpu
+
+
+def dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def poison_allocator():
+    """Leave NaN-filled blocks in both pools of the caching allocator, so that outputs the kernels
+    allocate next most likely start as NaN and an element never written shows up."""
+    for numel in (1 << 24, *(1 << 17,) * 16):  # a large block, then small-pool blocks
+        torch.full((numel,), float("nan"), device="cuda")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference_layer(cell, gx, h0, c0, w_hh, b_hh, lengths, reverse):
+    """The design's per-step math over the padded layout: a row runs its steps t < lengths[b]
+    (from its last one when reversed), outputs zero past its length and keeps its state."""
+    steps, hidden = gx.shape[0], h0.shape[1]
+    lens = (torch.full((h0.shape[0],), steps, device=gx.device) if lengths is None
+            else lengths.to(gx.device).clamp(0, steps))
+    h, c, outs = h0, c0, [None] * steps
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        active = (t < lens)[:, None]
+        gh = F.linear(h, w_hh, b_hh)
+        if cell == "gru":
+            x_r, x_z, x_n = gx[t].split(hidden, 1)
+            h_r, h_z, h_n = gh.split(hidden, 1)
+            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+            n = torch.tanh(x_n + r * h_n)
+            h_new = (1 - z) * n + z * h
+        else:
+            i, f, g, o = (gx[t] + gh).split(hidden, 1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            c = torch.where(active, c_new, c)
+        h = torch.where(active, h_new, h)
+        outs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
+    out = torch.stack(outs) if steps else gx.new_zeros(0, h0.shape[0], hidden)
+    return out, h, c
+
+
+def ours_layer(cell, gx, h0, c0, w_hh, b_hh, lengths, reverse, **knobs):
+    poison_allocator()
+    args = (lengths, reverse, knobs.get("max_blocks", 0), knobs.get("max_rows_per_block", 16))
+    if cell == "gru":
+        out, h_n = PersistentGRUFunction.apply(gx, h0, w_hh, b_hh, *args)
+        return out, h_n, None
+    return PersistentLSTMFunction.apply(gx, h0, c0, w_hh, b_hh, *args)
+
+
+def make_layer(cell, steps, batch, hidden, bias=True, seed=0):
+    """float64 CUDA tensors: gx, h0, c0, w_hh, b_hh, and the output gradients."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    gates = P.GATES[cell]
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float64) * scale
+
+    layer = dict(gx=rand(steps, batch, gates * hidden), h0=rand(batch, hidden, scale=0.5),
+                 c0=rand(batch, hidden, scale=0.5) if cell == "lstm" else None,
+                 w_hh=rand(gates * hidden, hidden, scale=hidden ** -0.5),
+                 b_hh=rand(gates * hidden, scale=0.1) if bias else None)
+    grads = dict(out=rand(steps, batch, hidden), h_n=rand(batch, hidden), c_n=rand(batch, hidden))
+    return layer, grads
+
+
+def run(fn, cell, layer, grads, dtype, lengths, reverse, used=("out", "h_n", "c_n"), **knobs):
+    """Outputs and input gradients of sum(out*go) + sum(h_n*gh) (+ sum(c_n*gc)), in `dtype`;
+    the loss takes only the outputs named in `used`."""
+    leaves = {k: v.detach().to(dtype, copy=True).requires_grad_(True) for k, v in layer.items() if v is not None}
+    out, h_n, c_n = fn(cell, leaves["gx"], leaves["h0"], leaves.get("c0"), leaves["w_hh"], leaves.get("b_hh"),
+                       lengths, reverse, **knobs)
+    outputs = dict(out=out, h_n=h_n) if c_n is None else dict(out=out, h_n=h_n, c_n=c_n)
+    loss = sum((t * grads[k].to(dtype)).sum() for k, t in outputs.items() if k in used)
+    loss.backward()
+    return ({k: t.detach() for k, t in outputs.items()}, {k: t.grad for k, t in leaves.items()})
+
+
+def check_parity(cell, steps, batch, hidden, dtype, lengths, reverse, bias=True, used=("out", "h_n", "c_n"),
+                 **knobs):
+    layer, grads = make_layer(cell, steps, batch, hidden, bias)
+    assert persistent_layer_available(cell, layer["gx"].to(dtype), hidden, **knobs) is None
+    ours, ours_grad = run(ours_layer, cell, layer, grads, dtype, lengths, reverse, used, **knobs)
+    ref, ref_grad = run(reference_layer, cell, layer, grads, torch.float64, lengths, reverse, used)
+    plain, plain_grad = run(reference_layer, cell, layer, grads, dtype, lengths, reverse, used)
+    for name in ref:
+        assert_close_to_reference(ours[name], ref[name], plain[name], name)
+    for name in ref_grad:
+        assert_close_to_reference(ours_grad[name], ref_grad[name], plain_grad[name], f"grad {name}")
+    if lengths is not None:  # past its length a row outputs zeros and takes no gradient
+        past = torch.arange(steps, device="cuda")[:, None] >= lengths.to("cuda")[None, :]
+        assert (ours["out"][past] == 0).all() and (ours_grad["gx"][past] == 0).all()
+    return ours, ours_grad
+
+
+def ragged(steps, batch, seed=0):
+    """Lengths in [0, steps] with a zero-length and a full-length row where the batch allows."""
+    lengths = torch.randint(0, steps + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+    lengths[0] = steps
+    if batch > 1:
+        lengths[1] = 0
+    return lengths
+
+
+# (steps, batch, hidden, knobs): odd sizes; H=1, B=1; several row groups (16, 16, 5 rows or 8
+# per block) and few blocks; a wider hidden size; a longer sequence
+SHAPES = [(6, 5, 33, {}), (3, 1, 1, {}), (9, 37, 70, dict(max_blocks=4)),
+          (7, 37, 70, dict(max_blocks=6, max_rows_per_block=8)), (5, 3, 257, {}), (48, 16, 128, {})]
+
+
+@gpu
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-H{}{}".format(*s[:3], "-knobs" if s[3] else ""))
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("lengths", ["full", "ragged"])
+def test_functions_match_the_reference(cell, dtype, shape, reverse, lengths):
+    steps, batch, hidden, knobs = shape
+    check_parity(cell, steps, batch, hidden, dtype, None if lengths == "full" else ragged(steps, batch), reverse,
+                 **knobs)
+
+
+@gpu
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_chunked_staging(cell, dtype):
+    """Few blocks, so wide weight slices that the exchanged operand is staged in k-chunks."""
+    steps, batch, hidden = 5, 7, 512 if dtype != torch.float32 else 256
+    for max_blocks in range(1, 33):
+        plan = PA._require_kernels().persistent_rnn_plan(cell, dtype, batch, hidden, torch.device("cuda"),
+                                                         backward=True, max_blocks=max_blocks)
+        if plan["fits"] and plan["k_chunk"] < plan["k_pad"]:
+            break
+    else:
+        pytest.fail("no max_blocks gives a chunked backward plan")
+    check_parity(cell, steps, batch, hidden, dtype, ragged(steps, batch), False, max_blocks=max_blocks)
+
+
+@gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_without_bias_and_with_missing_output_gradients(cell):
+    check_parity(cell, 6, 5, 33, torch.float32, ragged(6, 5), True, bias=False)
+    for used in ("out", "h_n", "c_n")[:2 if cell == "gru" else 3]:  # the others' gradients reach backward as None
+        check_parity(cell, 6, 5, 33, torch.bfloat16, ragged(6, 5), False, used=(used,))
+
+
+def make_torch_module(cell, input_size, hidden, seed=0):
+    torch.manual_seed(seed)
+    cls = torch.nn.GRU if cell == "gru" else torch.nn.LSTM
+    return cls(input_size, hidden, bidirectional=True).to("cuda", torch.float64)
+
+
+def run_torch(module, x, state, lengths):
+    if lengths is None:
+        out, state = module(x, state)
+    else:
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, state = module(packed, state)
+        out = pad_packed_sequence(out, total_length=x.shape[0])[0]
+    return out, state
+
+
+def run_ours(cell, module, x, state, lengths):
+    """Both directions of the module's layer through the persistent layer functions."""
+    outs, h_ns, c_ns = [], [], []
+    for d, suffix in enumerate(("_l0", "_l0_reverse")):
+        w = [getattr(module, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if cell == "gru":
+            out, h_n = persistent_gru_layer(x, state[d], w[0], w[1], w[2], w[3], lengths, reverse=d == 1)
+        else:
+            out, h_n, c_n = persistent_lstm_layer(x, state[0][d], state[1][d], w[0], w[1], w[2], w[3], lengths,
+                                                  reverse=d == 1)
+            c_ns.append(c_n)
+        outs.append(out)
+        h_ns.append(h_n)
+    h_n = torch.stack(h_ns)
+    return torch.cat(outs, -1), (h_n if cell == "gru" else (h_n, torch.stack(c_ns)))
+
+
+@gpu
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("lengths", [None, [7, 3, 1, 7, 5]], ids=["full", "packed"])
+def test_layer_functions_match_torch_nn(cell, dtype, lengths):
+    """Both directions of a bidirectional nn.GRU/nn.LSTM (padded or packed input): outputs, final
+    states and the gradients of the input, initial states and every parameter."""
+    steps, batch, input_size, hidden = 7, 5, 19, 33
+    lengths = None if lengths is None else torch.tensor(lengths)
+    ref_module = make_torch_module(cell, input_size, hidden)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x64 = torch.randn(steps, batch, input_size, generator=g, device="cuda", dtype=torch.float64)
+    states64 = [torch.randn(2, batch, hidden, generator=g, device="cuda", dtype=torch.float64) * 0.5
+                for _ in range(1 if cell == "gru" else 2)]
+    grad_out = torch.randn(steps, batch, 2 * hidden, generator=g, device="cuda", dtype=torch.float64)
+    grad_states = [torch.randn_like(s) for s in states64]
+
+    def run_with(runner, module, dtype):
+        module = copy.deepcopy(module).to(dtype)
+        x = x64.to(dtype, copy=True).requires_grad_(True)
+        states = [s.to(dtype, copy=True).requires_grad_(True) for s in states64]
+        out, state = runner(module, x, states[0] if cell == "gru" else tuple(states), lengths)
+        finals = [state] if cell == "gru" else list(state)
+        if lengths is not None:
+            past = torch.arange(steps, device="cuda")[:, None] >= lengths.to("cuda")[None, :]
+            out = out.masked_fill(past[..., None], 0)  # both pad the same way; make it explicit
+        loss = (out * grad_out.to(dtype)).sum() + sum((f * gs.to(dtype)).sum() for f, gs in zip(finals, grad_states))
+        loss.backward()
+        results = {"out": out.detach(), **{f"state{i}": f.detach() for i, f in enumerate(finals)},
+                   "grad x": x.grad, **{f"grad state{i}": s.grad for i, s in enumerate(states)}}
+        results.update({f"grad {n}": p.grad.clone() for n, p in module.named_parameters()})
+        return results
+
+    ref = run_with(run_torch, ref_module, torch.float64)
+    plain = run_with(run_torch, ref_module, dtype)
+    ours = run_with(lambda m, x, s, lens: run_ours(cell, m, x, s, lens), ref_module, dtype)
+    for name in ref:
+        assert_close_to_reference(ours[name], ref[name], plain[name], name)
+
+
+# ------------------------------------------------------------------------- behaviour
+
+
+@gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_repeatable_and_inference_without_saving(cell):
+    """Bitwise the same twice (a fixed summation order), and the same under no_grad."""
+    layer, grads = make_layer(cell, 10, 21, 70)
+    lengths = ragged(10, 21)
+    first = run(ours_layer, cell, layer, grads, torch.bfloat16, lengths, True)
+    second = run(ours_layer, cell, layer, grads, torch.bfloat16, lengths, True)
+    for a, b in zip(list(first[0].values()) + list(first[1].values()),
+                    list(second[0].values()) + list(second[1].values())):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        args = {k: None if v is None else v.to(torch.bfloat16) for k, v in layer.items()}
+        out, h_n, c_n = ours_layer(cell, args["gx"], args["h0"], args["c0"], args["w_hh"], args["b_hh"], lengths,
+                                   True)
+    assert not out.requires_grad and torch.equal(out, first[0]["out"]) and torch.equal(h_n, first[0]["h_n"])
+
+
+@gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_empty_sequence_returns_fresh_initial_states(cell):
+    layer, grads = make_layer(cell, 0, 3, 9)
+    (outputs, grad) = run(ours_layer, cell, layer, grads, torch.float32, None, False)
+    assert outputs["out"].shape == (0, 3, 9)
+    torch.testing.assert_close(outputs["h_n"], layer["h0"].float())
+    torch.testing.assert_close(grad["h0"], grads["h_n"].float())
+    if cell == "lstm":
+        torch.testing.assert_close(grad["c0"], grads["c_n"].float())
+    h0 = layer["h0"].float()
+    h_n = ours_layer(cell, layer["gx"].float(), h0, None if cell == "gru" else layer["c0"].float(),
+                     layer["w_hh"].float(), None, None, False)[1]
+    assert h_n.data_ptr() != h0.data_ptr()  # an output never aliases an input
+
+
+@gpu
+def test_plan_binding_matches_the_python_planner():
+    device = P.Device.from_torch()
+    kernels = PA._require_kernels()
+    for cell in CELLS:
+        for dtype in DTYPES:
+            for backward in (False, True):
+                for batch, hidden in ((1, 1), (5, 33), (16, 768), (37, 70), (64, 512), (16, 4096)):
+                    ours = kernels.persistent_rnn_plan(cell, dtype, batch, hidden, torch.device("cuda"),
+                                                       backward=backward)
+                    mirror = P.plan(cell, dtype, batch, hidden, backward=backward, device=device)
+                    if not mirror.fits:
+                        assert not ours["fits"] and ours["reason"] == mirror.reason
+                    elif ours["fits"]:  # the device may refuse a plan the arithmetic allows (occupancy)
+                        assert ours == {k: getattr(mirror, k) for k in ours}
+
+
+@gpu
+def test_bad_input_raises_clear_errors():
+    kernels = PA._require_kernels()
+    T, B, H = 4, 3, 8
+    cuda = dict(device="cuda", dtype=torch.float32)
+    gx, h0, w_hh = torch.randn(T, B, 3 * H, **cuda), torch.randn(B, H, **cuda), torch.randn(3 * H, H, **cuda)
+    fwd = kernels.persistent_gru_fwd
+    with pytest.raises(ValueError, match="h0 must be a CUDA tensor"):
+        fwd(gx.cpu(), h0.cpu(), w_hh.cpu(), None, None, False, True)
+    with pytest.raises(ValueError, match="gx must be on"):
+        fwd(gx.cpu(), h0, w_hh, None, None, False, True)
+    with pytest.raises(TypeError, match="w_hh must have dtype float32"):
+        fwd(gx, h0, w_hh.half(), None, None, False, True)
+    with pytest.raises(ValueError, match="gx must be contiguous"):
+        fwd(gx.transpose(0, 1).contiguous().transpose(0, 1), h0, w_hh, None, None, False, True)
+    with pytest.raises(ValueError, match="gx must have shape"):
+        fwd(gx[..., :-1].contiguous(), h0, w_hh, None, None, False, True)
+    with pytest.raises(TypeError, match="lengths must have dtype int64"):
+        fwd(gx, h0, w_hh, None, torch.ones(B, device="cuda", dtype=torch.int32), False, True)
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        fwd(gx, h0, w_hh, None, torch.ones(B + 1, device="cuda", dtype=torch.int64), False, True)
+    with pytest.raises(TypeError, match="float64"):
+        fwd(gx.double(), h0.double(), w_hh.double(), None, None, False, True)
+    with pytest.raises(ValueError, match="does not fit the persistent kernels: rows per block"):
+        fwd(gx, h0, w_hh, None, None, False, True, max_rows_per_block=17)
+    wide = 4096  # float32: the W_hh slices do not fit in shared memory
+    with pytest.raises(ValueError, match="does not fit the persistent kernels: W_hh slice"):
+        kernels.persistent_lstm_fwd(torch.randn(1, 16, 4 * wide, **cuda), torch.zeros(16, wide, **cuda),
+                                    torch.zeros(16, wide, **cuda), torch.zeros(4 * wide, wide, **cuda), None, None,
+                                    False, False)
+    reason = persistent_layer_available("LSTM", torch.randn(2, 16, 3, **cuda), wide)
+    assert reason is not None and reason.startswith("forward plan: W_hh slice")
+    assert persistent_layer_available("GRU", torch.randn(2, 1, 3, **cuda), 8) is None
+    assert "float64" in persistent_layer_available("GRU", torch.randn(2, 1, 3, device="cuda").double(), 8)
+
+
+# -------------------------------------------------------------------------------- CPU
+
+
+def test_unavailable_paths_give_a_reason(monkeypatch):
+    """Without the CUDA kernels (a CPU-only build) or for CPU tensors, the persistent path says
+    why it cannot run, and the Functions raise with that reason instead of crashing."""
+    x = torch.randn(3, 2, 4)
+    for mode in ("GRU", "LSTM"):
+        reason = persistent_layer_available(mode, x, 8)
+        assert isinstance(reason, str) and "CUDA" in reason
+    module, _ = PA._kernels()
+    if module is not None and not module.has_cuda:
+        assert not any(name.startswith("persistent_") for name in dir(module))
+
+    monkeypatch.setattr(PA, "_extension", lambda: types.SimpleNamespace(has_cuda=False))
+    reason = persistent_layer_available("GRU", x, 8)
+    assert "without CUDA kernels" in reason
+    with pytest.raises(RuntimeError, match="without CUDA kernels"):
+        PersistentGRUFunction.apply(torch.randn(3, 2, 24), torch.zeros(2, 8), torch.randn(24, 8), None, None, False)
