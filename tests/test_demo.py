@@ -95,7 +95,9 @@ def test_bench_forwards_its_arguments(monkeypatch):
 
 
 def test_bench_without_the_suite_says_where_it_lives(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "bench", None)  # makes `import bench` fail
+    # None in sys.modules makes the import fail, also when another test imported it already
+    monkeypatch.setitem(sys.modules, "bench", None)
+    monkeypatch.setitem(sys.modules, "bench.run", None)
     assert cli.main(["bench"]) == 2
     assert "bench/ folder" in capsys.readouterr().err
 
