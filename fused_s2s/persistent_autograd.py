@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .autograd import _no_autocast
 from .functional import _autocast
 from .persistent import MAX_ROWS_PER_BLOCK, previous_states, recurrent_weight_gradients
 
@@ -85,6 +84,17 @@ def persistent_layer_available(mode: str, x: Tensor, hidden: int, *, training: b
         if reason is not None:
             return reason
     return None
+
+
+def _no_autocast(method):
+    """Run forward/backward with autocast off (the caller has cast the inputs to one dtype).
+    The device type comes from the first tensor argument: backward's first gradient may be None."""
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cuda")
+        with torch.autocast(device, enabled=False):
+            return method(ctx, *args)
+    return wrapper
 
 
 def _lengths_on(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
