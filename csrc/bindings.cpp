@@ -551,7 +551,7 @@ pers::Plan pers_query(const char* op, pers::Cell cell, at::ScalarType dtype, boo
 }
 
 pybind11::dict persistent_rnn_plan(const std::string& cell, at::ScalarType dtype, int64_t batch, int64_t hidden,
-                             at::Device device, bool backward, int64_t max_blocks, int64_t max_rows_per_block) {
+                                   at::Device device, bool backward, int64_t max_blocks, int64_t max_rows_per_block) {
   TORCH_CHECK_VALUE(device.is_cuda(), "persistent_rnn_plan: device must be a CUDA device, got ", device.str());
   const int index = device.has_index() ? device.index() : c10::cuda::current_device();
   const pers::Plan p = pers_query("persistent_rnn_plan", pers_cell(cell), dtype, backward, batch, hidden, index,
