@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common.cuh"
 #include "fused_s2s/gates.h"
 
 namespace fused_s2s {
@@ -52,18 +53,8 @@ constexpr int kLoadBatch = 8;  // global loads each thread keeps in flight while
 
 // ----------------------------------------------------------------------------- element types
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using cuda::from_float;  // element conversions shared with the per-step kernels (common.cuh)
+using cuda::to_float;
 
 // Data written by other blocks of this kernel: through L2 only.
 __device__ __forceinline__ float load_cg(const float* p) { return __ldcg(p); }
