@@ -12,6 +12,8 @@ import torch
 if not torch.cuda.is_available():
     # must happen before triton is imported anywhere
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# cuBLAS refuses deterministic mode (used by the poison fixture) without a fixed workspace
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 
@@ -44,6 +46,19 @@ def _case(backend: str, device: str, dtype: torch.dtype, op: str):
 def parity_cases(op: str, dtypes=None):
     """pytest params (backend, device, dtype) for every backend x device x dtype."""
     return [_case(b, d, t, op) for d in DEVICES for t in (dtypes or DTYPES[d]) for b in backends.NAMES]
+
+
+@pytest.fixture
+def poison_uninitialized():
+    """Fresh allocations (torch.empty and friends, which the kernel backends use for their
+    outputs) come filled with NaN, so an element a kernel never writes fails the comparison
+    instead of passing on a lucky zero. PyTorch does this in deterministic mode."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
 
 
 def pytest_configure(config):

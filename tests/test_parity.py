@@ -9,6 +9,8 @@ from fused_s2s import reference
 
 from conftest import assert_close_to_reference, parity_cases
 
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
+
 
 def _check(ours_fn, ref_fn, inputs64, device, dtype, grad_inputs):
     """Run ours on (device, dtype) copies and the reference on float64 copies; compare every
