@@ -196,7 +196,6 @@ def test_decoder_step_captures_in_cuda_graph(backend):
         ctx, _ = att(h, memory, mask=mask, proj_keys=proj)
         return cell(torch.cat([emb, ctx], dim=1), h)
 
-    expected = step()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
