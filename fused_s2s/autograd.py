@@ -24,6 +24,8 @@ def _no_autocast(method):
     inputs to one dtype, and the primitives choose their own accumulation precision."""
     @functools.wraps(method)
     def wrapper(ctx, first, *args):
+        if not torch.is_autocast_enabled(first.device.type):  # the common case, without a context
+            return method(ctx, first, *args)
         with torch.autocast(first.device.type, enabled=False):
             return method(ctx, first, *args)
     return wrapper

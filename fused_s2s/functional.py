@@ -17,25 +17,27 @@ from .autograd import AdditiveAttentionFunction, DotAttentionFunction, GRUFuncti
 # ------------------------------------------------------------------------------ arg checks
 
 
-def _require(cond: bool, message: str, exc: type = ValueError) -> None:
+def _require(cond: bool, message, exc: type = ValueError) -> None:
+    """Raise `exc` when `cond` fails. `message` may be a function building the text, so that the
+    per-step hot path never pays for formatting a message it does not raise."""
     if not cond:
-        raise exc(message)
+        raise exc(message() if callable(message) else message)
 
 
 def _check_tensor(name: str, t, dims: Sequence[int], like: Optional[Tensor] = None) -> None:
-    _require(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}", TypeError)
-    _require(t.dim() in dims, f"{name} must have {' or '.join(map(str, dims))} dimensions, "
+    _require(isinstance(t, Tensor), lambda: f"{name} must be a Tensor, got {type(t).__name__}", TypeError)
+    _require(t.dim() in dims, lambda: f"{name} must have {' or '.join(map(str, dims))} dimensions, "
              f"got shape {tuple(t.shape)}")
     if like is None:
-        _require(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}", TypeError)
+        _require(t.is_floating_point(), lambda: f"{name} must be a floating-point tensor, got {t.dtype}", TypeError)
         return
-    _require(t.dtype == like.dtype, f"{name} has dtype {t.dtype} but the input has {like.dtype}", TypeError)
-    _require(t.device == like.device, f"{name} is on {t.device} but the input is on {like.device}")
+    _require(t.dtype == like.dtype, lambda: f"{name} has dtype {t.dtype} but the input has {like.dtype}", TypeError)
+    _require(t.device == like.device, lambda: f"{name} is on {t.device} but the input is on {like.device}")
 
 
 def _check_shape(name: str, t: Optional[Tensor], shape: Tuple[int, ...]) -> None:
-    if t is not None:
-        _require(tuple(t.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def _check_index(name: str, t: Optional[Tensor], shape: Tuple[int, ...], device: torch.device,
@@ -51,7 +53,7 @@ def _check_index(name: str, t: Optional[Tensor], shape: Tuple[int, ...], device:
     if t.numel() and not capturing and not torch.compiler.is_compiling():
         # an out-of-range index would make a kernel read out of bounds: check it here
         lo, hi = int(t.min()), int(t.max())
-        _require(lo >= 0 and hi <= upper, f"{name} values must lie in [0, {upper}], got [{lo}, {hi}]")
+        _require(lo >= 0 and hi <= upper, lambda: f"{name} values must lie in [0, {upper}], got [{lo}, {hi}]")
     return t
 
 
@@ -155,18 +157,18 @@ def _prepare_attention(query: Tensor, keys: Tensor, values: Tensor, mask, length
     _check_tensor("values", values, (3,), query)
     bk, tk = keys.shape[0], keys.shape[1]
     _require(values.shape[:2] == keys.shape[:2],
-             f"values must have shape ({bk}, {tk}, Dv) like {kname}, got {tuple(values.shape)}")
+             lambda: f"values must have shape ({bk}, {tk}, Dv) like {kname}, got {tuple(values.shape)}")
     q = query if query.dim() == 3 else query.unsqueeze(1)
     if kv_batch_idx is None:
-        _require(q.shape[0] == bk, f"{qname} has batch {q.shape[0]} but {kname} has batch {bk} "
+        _require(q.shape[0] == bk, lambda: f"{qname} has batch {q.shape[0]} but {kname} has batch {bk} "
                  "(pass kv_batch_idx to map query rows to key rows)")
     kv_batch_idx = _check_index("kv_batch_idx", kv_batch_idx, (q.shape[0],), query.device, bk - 1)
     if mask is not None:
         _require(isinstance(mask, Tensor) and mask.dtype == torch.bool,
-                 f"mask must be a bool tensor (True = real position), got "
+                 lambda: f"mask must be a bool tensor (True = real position), got "
                  f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}", TypeError)
         _check_shape("mask", mask, (bk, tk))
-        _require(mask.device == query.device, f"mask is on {mask.device} but {qname} is on {query.device}")
+        _require(mask.device == query.device, lambda: f"mask is on {mask.device} but {qname} is on {query.device}")
         mask = mask.contiguous()
     lengths = _check_index("lengths", lengths, (bk,), query.device, tk)
     return q, keys, values, mask, lengths, kv_batch_idx
@@ -201,7 +203,7 @@ def additive_attention(q_proj: Tensor, k_proj: Tensor, v: Tensor, values: Tensor
     (v,) = _autocast(v)
     _check_tensor("v", v, (1,), q)
     _require(q.shape[2] == k.shape[2] == v.shape[0],
-             f"q_proj, k_proj and v must share the attention size, got {q.shape[2]}, {k.shape[2]}, {v.shape[0]}")
+             lambda: f"q_proj, k_proj and v must share the attention size, got {q.shape[2]}, {k.shape[2]}, {v.shape[0]}")
     name = _pick_attention(backend, "additive_attention", q, k, vals)
     context, weights = AdditiveAttentionFunction.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), vals.contiguous(), mask, lengths, kv_batch_idx, name)
@@ -215,7 +217,7 @@ def dot_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Te
     """Dot-product (Luong "dot") attention: e = scale * query . keys (scale defaults to 1)."""
     q, k, vals, mask, lengths, kv_batch_idx = _prepare_attention(
         query, keys, values, mask, lengths, kv_batch_idx, "query", "keys")
-    _require(q.shape[2] == k.shape[2], f"query and keys must share the feature size, got {q.shape[2]} and {k.shape[2]}")
+    _require(q.shape[2] == k.shape[2], lambda: f"query and keys must share the feature size, got {q.shape[2]} and {k.shape[2]}")
     scale = 1.0 if scale is None else float(scale)
     name = _pick_attention(backend, "dot_attention", q, k, vals)
     context, weights = DotAttentionFunction.apply(
