@@ -215,3 +215,15 @@ def test_compile_fullgraph_module_with_backward():
     torch.testing.assert_close(loss, eager_loss)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [p for p in parity_cases("additive_attention", [torch.float32])
+                                                  if p.values[1] == "cpu"])
+def test_zero_feature_sizes(backend, device, dtype):
+    """A = 0 (every score 0: uniform weights over valid positions) and Dv = 0 (empty context)."""
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    ctx, w = FS.additive_attention(torch.randn(2, 0), torch.randn(2, 3, 0), torch.randn(0), torch.randn(2, 3, 4),
+                                   mask, backend=backend)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]))
+    ctx, w = FS.dot_attention(torch.randn(2, 5), torch.randn(2, 3, 5), torch.randn(2, 3, 0), mask, backend=backend)
+    assert ctx.shape == (2, 0) and w.shape == (2, 3)
