@@ -52,7 +52,7 @@ def _check_index(name: str, t: Optional[Tensor], shape: Tuple[int, ...], device:
     capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
     if t.numel() and not capturing and not torch.compiler.is_compiling():
         # an out-of-range index would make a kernel read out of bounds: check it here
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync for both bounds
         _require(lo >= 0 and hi <= upper, lambda: f"{name} values must lie in [0, {upper}], got [{lo}, {hi}]")
     return t
 
