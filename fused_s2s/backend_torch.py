@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .reference import valid_positions
+from .reference import kv_rows, valid_positions
 
 
 def up(t: Tensor) -> Tensor:
@@ -106,11 +106,6 @@ def lstm_cell_bwd(grad_h_new: Tensor, grad_c_new: Tensor, c: Tensor, c_new: Tens
 # ------------------------------------------------------------------------------- attention
 
 
-def _rows(t: Optional[Tensor], kv_batch_idx: Optional[Tensor]) -> Optional[Tensor]:
-    """Key-side tensor seen from the query rows."""
-    return t if t is None or kv_batch_idx is None else t.index_select(0, kv_batch_idx)
-
-
 def _softmax_with_lse(scores: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
     """scores (Bq,Tq,Tk) in the accumulation dtype, valid (Bq,Tk) -> (weights, lse (Bq,Tq)).
 
@@ -138,8 +133,8 @@ def _softmax_bwd(grad_context: Tensor, grad_weights: Tensor, values_rows: Tensor
 def additive_attention_fwd(q: Tensor, k: Tensor, v: Tensor, values: Tensor, mask: Optional[Tensor],
                            lengths: Optional[Tensor], kv_batch_idx: Optional[Tensor]
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    k_rows, values_rows = _rows(k, kv_batch_idx), _rows(values, kv_batch_idx)
-    valid = valid_positions(_rows(mask, kv_batch_idx), _rows(lengths, kv_batch_idx),
+    k_rows, values_rows = kv_rows(k, kv_batch_idx), kv_rows(values, kv_batch_idx)
+    valid = valid_positions(kv_rows(mask, kv_batch_idx), kv_rows(lengths, kv_batch_idx),
                             q.shape[0], k.shape[1], q.device)
     scores = torch.tanh(up(q)[:, :, None, :] + up(k_rows)[:, None, :, :]) @ up(v)
     weights, lse = _softmax_with_lse(scores, valid)
@@ -151,7 +146,7 @@ def additive_attention_bwd(grad_context: Tensor, grad_weights: Tensor, q: Tensor
                            values: Tensor, mask: Optional[Tensor], lengths: Optional[Tensor],
                            kv_batch_idx: Optional[Tensor], weights: Tensor, lse: Tensor
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    k_rows, values_rows = _rows(k, kv_batch_idx), _rows(values, kv_batch_idx)
+    k_rows, values_rows = kv_rows(k, kv_batch_idx), kv_rows(values, kv_batch_idx)
     d_scores = _softmax_bwd(grad_context, grad_weights, values_rows, weights)  # (Bq,Tq,Tk)
     t = torch.tanh(up(q)[:, :, None, :] + up(k_rows)[:, None, :, :])          # recomputed
     d_pre = d_scores[..., None] * up(v) * (1 - t * t)                          # (Bq,Tq,Tk,A)
@@ -166,8 +161,8 @@ def additive_attention_bwd(grad_context: Tensor, grad_weights: Tensor, q: Tensor
 def dot_attention_fwd(q: Tensor, k: Tensor, values: Tensor, mask: Optional[Tensor],
                       lengths: Optional[Tensor], kv_batch_idx: Optional[Tensor], scale: float
                       ) -> Tuple[Tensor, Tensor, Tensor]:
-    k_rows, values_rows = _rows(k, kv_batch_idx), _rows(values, kv_batch_idx)
-    valid = valid_positions(_rows(mask, kv_batch_idx), _rows(lengths, kv_batch_idx),
+    k_rows, values_rows = kv_rows(k, kv_batch_idx), kv_rows(values, kv_batch_idx)
+    valid = valid_positions(kv_rows(mask, kv_batch_idx), kv_rows(lengths, kv_batch_idx),
                             q.shape[0], k.shape[1], q.device)
     scores = (up(q) @ up(k_rows).transpose(1, 2)) * scale
     weights, lse = _softmax_with_lse(scores, valid)
@@ -178,7 +173,7 @@ def dot_attention_fwd(q: Tensor, k: Tensor, values: Tensor, mask: Optional[Tenso
 def dot_attention_bwd(grad_context: Tensor, grad_weights: Tensor, q: Tensor, k: Tensor, values: Tensor,
                       mask: Optional[Tensor], lengths: Optional[Tensor], kv_batch_idx: Optional[Tensor],
                       scale: float, weights: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    k_rows, values_rows = _rows(k, kv_batch_idx), _rows(values, kv_batch_idx)
+    k_rows, values_rows = kv_rows(k, kv_batch_idx), kv_rows(values, kv_batch_idx)
     d_scores = _softmax_bwd(grad_context, grad_weights, values_rows, weights) * scale
     dq = d_scores @ up(k_rows)
     dk = d_scores.transpose(1, 2) @ up(q)

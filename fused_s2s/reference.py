@@ -60,7 +60,8 @@ def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
     return (p / torch.where(denom == 0, torch.ones_like(denom), denom)).to(scores.dtype)
 
 
-def _gather_kv(t: Optional[Tensor], kv_batch_idx: Optional[Tensor]) -> Optional[Tensor]:
+def kv_rows(t: Optional[Tensor], kv_batch_idx: Optional[Tensor]) -> Optional[Tensor]:
+    """A key-side tensor (keys, values, mask, lengths) seen from the query rows."""
     if t is None or kv_batch_idx is None:
         return t
     return t.index_select(0, kv_batch_idx)
@@ -76,8 +77,8 @@ def additive_attention(q_proj: Tensor, k_proj: Tensor, v: Tensor, values: Tensor
     """
     single = q_proj.dim() == 2
     q = q_proj.unsqueeze(1) if single else q_proj
-    k, vals = _gather_kv(k_proj, kv_batch_idx), _gather_kv(values, kv_batch_idx)
-    valid = valid_positions(_gather_kv(mask, kv_batch_idx), _gather_kv(lengths, kv_batch_idx),
+    k, vals = kv_rows(k_proj, kv_batch_idx), kv_rows(values, kv_batch_idx)
+    valid = valid_positions(kv_rows(mask, kv_batch_idx), kv_rows(lengths, kv_batch_idx),
                             k.shape[0], k.shape[1], k.device)
     scores = torch.tanh(q.unsqueeze(2) + k.unsqueeze(1)) @ v  # (B, Tq, Tk)
     weights = masked_softmax(scores, valid[:, None, :])
@@ -91,8 +92,8 @@ def dot_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Te
     """e[b,t,s] = scale * query[b,t] . keys[b,s] (scale defaults to 1, Luong's "dot")."""
     single = query.dim() == 2
     q = query.unsqueeze(1) if single else query
-    k, vals = _gather_kv(keys, kv_batch_idx), _gather_kv(values, kv_batch_idx)
-    valid = valid_positions(_gather_kv(mask, kv_batch_idx), _gather_kv(lengths, kv_batch_idx),
+    k, vals = kv_rows(keys, kv_batch_idx), kv_rows(values, kv_batch_idx)
+    valid = valid_positions(kv_rows(mask, kv_batch_idx), kv_rows(lengths, kv_batch_idx),
                             k.shape[0], k.shape[1], k.device)
     scores = (q @ k.transpose(1, 2)) * (1.0 if scale is None else scale)
     weights = masked_softmax(scores, valid[:, None, :])
