@@ -5,8 +5,9 @@
 - greedy_decode: encode, then T decoder steps taking the argmax (no early stop), no_grad.
 Both report target tokens per second (B * T / time).
 
-The plain twin has the same parameters: nn.GRU/nn.LSTM (cuDNN on CUDA) for the encoder,
-nn.GRUCell/nn.LSTMCell for the decoder, and the naive attention code of bench.attention.
+The plain twin has the same parameters: nn.GRU/nn.LSTM (cuDNN on CUDA) over packed sources
+for the encoder, nn.GRUCell/nn.LSTMCell for the decoder, and the naive attention code of
+bench.attention.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import List, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .attention import naive_additive, naive_dot
 from .harness import Case, Context, Impl, ours
@@ -69,6 +71,21 @@ class NaiveAttention(nn.Module):
         return naive_dot(query, proj_keys, values, mask)
 
 
+class PackingRNN(nn.Module):
+    """nn.GRU/nn.LSTM taking padded input with `lengths=` as the encoder calls it, by packing
+    and unpacking: what plain PyTorch code does (a host copy of the lengths included)."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, hx=None, *, lengths):
+        first = self.rnn.batch_first
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=first, enforce_sorted=False)
+        out, state = self.rnn(packed, hx)
+        return pad_packed_sequence(out, batch_first=first, total_length=x.shape[1 if first else 0])[0], state
+
+
 def plain_twin(model: nn.Module) -> nn.Module:
     """The same Seq2Seq with every fused module swapped for torch.nn (or naive) code."""
     twin = copy.deepcopy(model)
@@ -77,7 +94,7 @@ def plain_twin(model: nn.Module) -> nn.Module:
         rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
         dropout=rnn.dropout, bidirectional=rnn.bidirectional)
     torch_rnn.load_state_dict(rnn.state_dict())
-    twin.encoder.rnn = torch_rnn
+    twin.encoder.rnn = PackingRNN(torch_rnn)
     cells = []
     for cell in twin.decoder.cells:
         torch_cell = {"GRUCell": nn.GRUCell, "LSTMCell": nn.LSTMCell}[type(cell).__name__](

@@ -4,6 +4,9 @@
 - the long-sequence config: B=16, T=1024, I=H=768, bfloat16;
 - a small-H sweep: H in {64, 128, 256}, B in {1, 8, 64}, T=100, I=H, float32.
 One layer, fwd and fwd+bwd (gradients of the input and of every parameter).
+
+On CUDA `ours:cpp` runs the persistent whole-sequence kernels where their plan fits (else the
+per-step kernels); `ours:cpp(per-step)` forces the per-step kernels, for the comparison.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import torch
 from torch import nn
 
 import fused_s2s
+
+from fused_s2s import persistent_autograd
 
 from .harness import Case, Context, Impl, elt_size, ours, randn, traffic
 
@@ -58,6 +63,22 @@ def _ours(cfg: Config, our_cls):
     return bind_backend
 
 
+def _per_step(bind):
+    """`bind` with the persistent route switched off while the module runs forward (the route
+    is chosen there; backward follows the forward's choice)."""
+    def bound(d):
+        forward, wrt = bind(d)
+
+        def run():
+            previous, persistent_autograd.enabled = persistent_autograd.enabled, False
+            try:
+                return forward()
+            finally:
+                persistent_autograd.enabled = previous
+        return run, wrt
+    return bound
+
+
 def _torch(d):
     module = d["module"]
     return (lambda: (module(d["x"])[0],)), [d["x"], *module.parameters()]
@@ -75,6 +96,9 @@ def cases(ctx: Context) -> List[Case]:
                 flops = dirs * 2 * cfg.T * cfg.B * gates * cfg.H * 2 * cfg.H
                 for passes in ("fwd", "fwd+bwd"):
                     impls: List[Impl] = ours(ctx, (op.lower() + "_cell",), dtype, _ours(cfg, our_cls))
+                    if ctx.device.type == "cuda":
+                        impls += [Impl(f"{i.name}(per-step)", _per_step(i.bind), ours=True, skip=i.skip)
+                                  for i in impls if i.name == "ours:cpp"]
                     impls.append(Impl(f"nn.{op}", _torch))
                     out.append(Case(
                         family="layers", op=op,

@@ -7,6 +7,11 @@ layout with batch_sizes = (B,) * T, and a single cell step is T = 1. The input p
 gx = x @ w_ih.T + b_ih is computed by the caller as one GEMM over all steps; here each step
 runs the fused cell primitive, and backward accumulates dW_hh and db_hh as one GEMM / one sum
 over the whole sequence instead of per step.
+
+With `lengths` (B,) (constant batch sizes only), row b runs only the steps t < lengths[b], in
+either direction, as if it had been packed: past its length a row keeps its state, outputs
+zeros and saves zero gates, so its gradients pass through unchanged. This is the padded
+alternative to packing: no host-side batch sizes, so torch.compile traces it without a break.
 """
 from __future__ import annotations
 
@@ -31,14 +36,24 @@ def _no_autocast(method):
     return wrapper
 
 
-def _steps(batch_sizes: Sequence[int], reverse: bool) -> List[Tuple[int, int]]:
-    """(row offset, row count) of each time step in processing order."""
+def _steps(batch_sizes: Sequence[int], reverse: bool) -> List[Tuple[int, int, int]]:
+    """(time step, row offset, row count) of each step in processing order."""
     offsets, off = [], 0
-    for bs in batch_sizes:
-        offsets.append((off, bs))
+    for t, bs in enumerate(batch_sizes):
+        offsets.append((t, off, bs))
         off += bs
-    steps = [s for s in offsets if s[1] > 0]
+    steps = [s for s in offsets if s[2] > 0]
     return steps[::-1] if reverse else steps
+
+
+def _active_steps(lengths: Optional[Tensor], steps: int) -> Optional[Tensor]:
+    """(T, B, 1) bool: row b runs step t iff t < lengths[b]; None when every row runs every step."""
+    return None if lengths is None else (torch.arange(steps, device=lengths.device)[:, None] < lengths)[..., None]
+
+
+def _keep(active: Optional[Tensor], new: Tensor, old) -> Tensor:
+    """`new` on the rows that ran this step, `old` (a tensor or 0) on the others."""
+    return new if active is None else torch.where(active, new, old)
 
 
 def _replace_rows(state: Tensor, head: Tensor) -> Tensor:
@@ -62,19 +77,23 @@ class GRUFunction(torch.autograd.Function):
     @staticmethod
     @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
-                batch_sizes: Tuple[int, ...], reverse: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                batch_sizes: Tuple[int, ...], reverse: bool, backend: str,
+                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         hidden = h0.shape[1]
+        active = _active_steps(lengths, len(batch_sizes))
         outs, h_prevs, saveds = [], [], []
         h = h0
-        for off, bs in _steps(batch_sizes, reverse):
+        for t, off, bs in _steps(batch_sizes, reverse):
             h_prev = h[:bs]
             h_new, saved = call("gru_cell_fwd", backend, gx[off:off + bs], h_prev, w_hh, b_hh)
-            outs.append(h_new)
+            a = None if active is None else active[t]
+            outs.append(_keep(a, h_new, 0))
             h_prevs.append(h_prev)
-            saveds.append(saved)
-            h = _replace_rows(h, h_new)
+            saveds.append(_keep(a, saved, 0))
+            h = _replace_rows(h, _keep(a, h_new, h_prev))
         in_order = not reverse
-        ctx.save_for_backward(_rows(h_prevs, in_order, gx, hidden), _rows(saveds, in_order, gx, 4 * hidden), w_hh)
+        ctx.save_for_backward(_rows(h_prevs, in_order, gx, hidden), _rows(saveds, in_order, gx, 4 * hidden), w_hh,
+                              active)
         ctx.setup = (tuple(batch_sizes), reverse, backend, b_hh is not None)
         out = torch.cat(outs if in_order else outs[::-1]) if outs else gx.new_empty(0, hidden)
         return out, h.clone() if h is h0 else h  # an output must not be an input
@@ -82,23 +101,24 @@ class GRUFunction(torch.autograd.Function):
     @staticmethod
     @_no_autocast
     def backward(ctx, grad_out: Tensor, grad_h_n: Tensor):
-        h_prev_all, saved_all, w_hh = ctx.saved_tensors
+        h_prev_all, saved_all, w_hh, active = ctx.saved_tensors
         batch_sizes, reverse, backend, has_bias = ctx.setup
         grad_out = grad_out.contiguous()
         d_gxs, d_ghs = [], []
         dh = grad_h_n.contiguous()
-        for off, bs in reversed(_steps(batch_sizes, reverse)):
-            g = dh[:bs] + grad_out[off:off + bs]
+        for t, off, bs in reversed(_steps(batch_sizes, reverse)):
+            a = None if active is None else active[t]
+            g = _keep(a, dh[:bs] + grad_out[off:off + bs], 0)  # zero gates saved: zero gate gradients
             d_gx, d_gh, dh_direct = call("gru_cell_bwd", backend, g, h_prev_all[off:off + bs],
                                          saved_all[off:off + bs])
             d_gxs.append(d_gx)
             d_ghs.append(d_gh)
-            dh = _replace_rows(dh, torch.addmm(dh_direct, d_gh, w_hh))
+            dh = _replace_rows(dh, _keep(a, torch.addmm(dh_direct, d_gh, w_hh), dh[:bs]))
         gates = 3 * w_hh.shape[1]
         grad_gx, grad_gh = _rows(d_gxs, reverse, saved_all, gates), _rows(d_ghs, reverse, saved_all, gates)
         grad_w_hh = grad_gh.t() @ h_prev_all if ctx.needs_input_grad[2] else None
         grad_b_hh = grad_gh.sum(0) if has_bias and ctx.needs_input_grad[3] else None
-        return grad_gx, dh, grad_w_hh, grad_b_hh, None, None, None
+        return grad_gx, dh, grad_w_hh, grad_b_hh, None, None, None, None
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -108,18 +128,24 @@ class LSTMFunction(torch.autograd.Function):
     @staticmethod
     @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
-                batch_sizes: Tuple[int, ...], reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                batch_sizes: Tuple[int, ...], reverse: bool, backend: str,
+                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         hidden = h0.shape[1]
+        active = _active_steps(lengths, len(batch_sizes))
         outs, h_prevs, c_prevs, c_news, saveds = [], [], [], [], []
         h, c = h0, c0
-        for off, bs in _steps(batch_sizes, reverse):
-            h_new, c_new, saved = call("lstm_cell_fwd", backend, gx[off:off + bs], h[:bs], c[:bs], w_hh, b_hh)
-            for parts, t in ((outs, h_new), (h_prevs, h[:bs]), (c_prevs, c[:bs]), (c_news, c_new), (saveds, saved)):
-                parts.append(t)
-            h, c = _replace_rows(h, h_new), _replace_rows(c, c_new)
+        for t, off, bs in _steps(batch_sizes, reverse):
+            h_prev, c_prev = h[:bs], c[:bs]
+            h_new, c_new, saved = call("lstm_cell_fwd", backend, gx[off:off + bs], h_prev, c_prev, w_hh, b_hh)
+            a = None if active is None else active[t]
+            c_next = _keep(a, c_new, c_prev)  # saved as c_new: finite, and with zero gates it passes dc through
+            for parts, part in ((outs, _keep(a, h_new, 0)), (h_prevs, h_prev), (c_prevs, c_prev), (c_news, c_next),
+                                (saveds, _keep(a, saved, 0))):
+                parts.append(part)
+            h, c = _replace_rows(h, _keep(a, h_new, h_prev)), _replace_rows(c, c_next)
         in_order = not reverse
         ctx.save_for_backward(*(_rows(p, in_order, gx, hidden) for p in (h_prevs, c_prevs, c_news)),
-                              _rows(saveds, in_order, gx, 4 * hidden), w_hh)
+                              _rows(saveds, in_order, gx, 4 * hidden), w_hh, active)
         ctx.setup = (tuple(batch_sizes), reverse, backend, b_hh is not None)
         out = torch.cat(outs if in_order else outs[::-1]) if outs else gx.new_empty(0, hidden)
         return out, (h.clone() if h is h0 else h), (c.clone() if c is c0 else c)
@@ -127,23 +153,24 @@ class LSTMFunction(torch.autograd.Function):
     @staticmethod
     @_no_autocast
     def backward(ctx, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor):
-        h_prev_all, c_prev_all, c_new_all, saved_all, w_hh = ctx.saved_tensors
+        h_prev_all, c_prev_all, c_new_all, saved_all, w_hh, active = ctx.saved_tensors
         batch_sizes, reverse, backend, has_bias = ctx.setup
         grad_out = grad_out.contiguous()
         grad_gate_parts = []
         dh, dc = grad_h_n.contiguous(), grad_c_n.contiguous()
-        for off, bs in reversed(_steps(batch_sizes, reverse)):
+        for t, off, bs in reversed(_steps(batch_sizes, reverse)):
             rows = slice(off, off + bs)
-            g_h = dh[:bs] + grad_out[rows]
+            a = None if active is None else active[t]
+            g_h = _keep(a, dh[:bs] + grad_out[rows], 0)
             grad_gates, dc_prev = call("lstm_cell_bwd", backend, g_h, dc[:bs].contiguous(), c_prev_all[rows],
                                        c_new_all[rows], saved_all[rows])
             grad_gate_parts.append(grad_gates)
-            dh = _replace_rows(dh, grad_gates @ w_hh)
-            dc = _replace_rows(dc, dc_prev)
+            dh = _replace_rows(dh, _keep(a, grad_gates @ w_hh, dh[:bs]))
+            dc = _replace_rows(dc, _keep(a, dc_prev, dc[:bs]))
         grad_gates_all = _rows(grad_gate_parts, reverse, saved_all, saved_all.shape[1])
         grad_w_hh = grad_gates_all.t() @ h_prev_all if ctx.needs_input_grad[3] else None
         grad_b_hh = grad_gates_all.sum(0) if has_bias and ctx.needs_input_grad[4] else None
-        return grad_gates_all, dh, dc, grad_w_hh, grad_b_hh, None, None, None
+        return grad_gates_all, dh, dc, grad_w_hh, grad_b_hh, None, None, None, None
 
 
 def _reduce_to_key_rows(grad_rows: Tensor, like: Tensor, kv_batch_idx: Optional[Tensor]) -> Tensor:

@@ -125,23 +125,24 @@ def lstm_cell(input: Tensor, state: Optional[Tuple[Tensor, Tensor]], w_ih: Tenso
 
 def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, *,
-              backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+              lengths: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One GRU layer direction over packed rows x (N, I) -> (output rows (N, H), h_n (B, H)).
+    `lengths` (B,) int64 on x's device, with constant batch sizes: row b runs steps t < lengths[b].
     The arguments are those the modules have already checked."""
     x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
     gx = F.linear(x, w_ih, b_ih).contiguous()  # the input projection: one GEMM for all steps
     return GRUFunction.apply(gx, h0.contiguous(), w_hh.contiguous(), b_hh, tuple(batch_sizes),
-                             reverse, _pick(backend, "gru_cell", x, gx.numel()))
+                             reverse, _pick(backend, "gru_cell", x, gx.numel()), lengths)
 
 
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, *,
-               backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer direction over packed rows -> (output rows, h_n, c_n)."""
+               lengths: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer direction over packed rows -> (output rows, h_n, c_n); `lengths` as gru_layer."""
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     gx = F.linear(x, w_ih, b_ih).contiguous()
     return LSTMFunction.apply(gx, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), b_hh,
-                              tuple(batch_sizes), reverse, _pick(backend, "lstm_cell", x, gx.numel()))
+                              tuple(batch_sizes), reverse, _pick(backend, "lstm_cell", x, gx.numel()), lengths)
 
 
 # ------------------------------------------------------------------------------- attention

@@ -1,6 +1,8 @@
 """An attention encoder-decoder built on the fused modules.
 
-- `Encoder`: embedding + bidirectional multi-layer `GRU`/`LSTM` over packed sequences.
+- `Encoder`: embedding + bidirectional multi-layer `GRU`/`LSTM` over padded sequences with
+  their lengths (the modules' `lengths=`: packing's results without a PackedSequence, so the
+  whole model compiles with torch.compile(fullgraph=True)).
 - `AttnDecoder`: one of two classic designs, with either cell type:
   * attention="bahdanau" (Bahdanau et al., 2015): attend with the previous decoder state,
     feed [embedding; context] to the recurrent stack, predict from [state; context; embedding];
@@ -20,7 +22,6 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .data import BOS, PAD
 from .modules import GRU, LSTM, BahdanauAttention, GRUCell, LSTMCell, LuongAttention
@@ -88,13 +89,11 @@ class Encoder(nn.Module):
             raise ValueError(f"src must be (batch, time), got shape {tuple(src.shape)}")
         if lengths.shape != src.shape[:1]:
             raise ValueError(f"lengths must have shape ({src.shape[0]},), got {tuple(lengths.shape)}")
-        if src.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) > src.shape[1]):
-            raise ValueError(f"lengths must lie in [1, {src.shape[1]}]")
-        packed = pack_padded_sequence(self.dropout(self.embedding(src)), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        outputs, state = self.rnn(packed)
-        outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=src.shape[1])
-        return outputs, state
+        if src.shape[0] and not torch.compiler.is_compiling():  # a traced graph cannot check values
+            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
+            if lo < 1 or hi > src.shape[1]:
+                raise ValueError(f"lengths must lie in [1, {src.shape[1]}], got [{lo}, {hi}]")
+        return self.rnn(self.dropout(self.embedding(src)), lengths=lengths)
 
 
 class AttnDecoder(nn.Module):

@@ -14,9 +14,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends, functional
+from . import backends, functional, persistent_autograd
 
 # ----------------------------------------------------------------------------------- cells
 
@@ -78,7 +78,9 @@ class LSTMCell(_CellBase):
 
 class _RecurrentLayers(nn.Module):
     """What GRU and LSTM share: parameters named and ordered as in nn.GRU/nn.LSTM, input
-    layouts (padded, batch_first, unbatched, PackedSequence), layers, directions, dropout."""
+    layouts (padded, batch_first, unbatched, PackedSequence, padded with `lengths=`), layers,
+    directions, dropout, and the choice between the per-step path and, on CUDA with the `cpp`
+    backend, the persistent whole-sequence kernels (see fused_s2s.persistent_autograd)."""
     gates: int
     has_cell_state: bool
 
@@ -156,9 +158,15 @@ class _RecurrentLayers(nn.Module):
             raise RuntimeError(f"{name} must have the input's dtype and device ({x.dtype}, {x.device}), "
                                f"got ({state.dtype}, {state.device})")
 
-    def forward(self, input: Union[Tensor, PackedSequence], hx=None):
+    def forward(self, input: Union[Tensor, PackedSequence], hx=None, *, lengths: Optional[Tensor] = None):
+        """As nn.GRU/nn.LSTM. `lengths` (B,) integer, ours alone: batched padded input where row b
+        is a sequence of lengths[b] steps. Same results as packing it (outputs zero past a row's
+        length, the final state is the one after its last step), without a PackedSequence: the
+        lengths stay on the device, so there is no host sync and torch.compile needs no break."""
         packed = isinstance(input, PackedSequence)
         if packed:
+            if lengths is not None:
+                raise ValueError("lengths is for padded input; a PackedSequence carries its own")
             data, batch_sizes_t = input.data, input.batch_sizes
             batch_sizes = [int(b) for b in batch_sizes_t]
             batch = batch_sizes[0] if batch_sizes else 0
@@ -175,6 +183,12 @@ class _RecurrentLayers(nn.Module):
             steps, batch = x.shape[0], x.shape[1]
             data = x.reshape(steps * batch, x.shape[2])
             batch_sizes = [batch] * steps
+            if lengths is not None:
+                if not batched:
+                    raise ValueError("lengths needs batched (3-D) input")
+                lengths = functional._check_index("lengths", lengths, (batch,), data.device, steps)
+                padding = torch.arange(steps, device=data.device)[:, None] >= lengths  # (T, B)
+                data = data.masked_fill(padding.reshape(-1, 1), 0)  # ignored as packing would, even NaN
         if data.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {data.shape[-1]}")
@@ -190,7 +204,7 @@ class _RecurrentLayers(nn.Module):
         if packed and input.sorted_indices is not None:  # states come in the caller's batch order
             states = [s.index_select(1, input.sorted_indices) for s in states]
 
-        out, final = self._run_layers(data, states, batch_sizes)
+        out, final = self._run_layers(data, states, batch_sizes, lengths)
 
         if packed and input.unsorted_indices is not None:
             final = [s.index_select(1, input.unsorted_indices) for s in final]
@@ -223,32 +237,57 @@ class _RecurrentLayers(nn.Module):
             states.append(s)
         return states
 
-    def _run_layers(self, data: Tensor, states: List[Tensor], batch_sizes: List[int]):
+    def _run_layers(self, data: Tensor, states: List[Tensor], batch_sizes: List[int], lengths: Optional[Tensor]):
+        """-> (output rows (N, D*H) in data's row layout, final states [(L*D, B, H)])."""
+        batch = batch_sizes[0] if batch_sizes else 0
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (data, *states, *self.parameters()))
+        if persistent_autograd.module_reason(type(self).__name__, self.backend, data, batch, self.hidden_size,
+                                             training) is None:
+            # the whole-sequence kernels take padded (T, B, I) input and mask by lengths
+            x, lengths, restore = _to_padded(data, batch_sizes, lengths)
+            run = lambda x, state, weights, reverse: self._persistent_direction(  # noqa: E731
+                x, state, weights, lengths, reverse)
+        else:
+            x, restore = data, None
+            run = lambda x, state, weights, reverse: self._run_direction(  # noqa: E731
+                x, state, batch_sizes, weights, reverse, lengths)
         finals: List[List[Tensor]] = [[] for _ in states]
-        layer_input = data
         for layer in range(self.num_layers):
             outputs = []
             for direction, suffix in enumerate(self._suffixes()):
                 idx = layer * self.num_directions + direction
-                result = self._run_direction(layer_input, [s[idx] for s in states], batch_sizes,
-                                             self._weights(layer, suffix), reverse=direction == 1)
+                result = run(x, [s[idx] for s in states], self._weights(layer, suffix), direction == 1)
                 outputs.append(result[0])
                 for f, s in zip(finals, result[1:]):
                     f.append(s)
-            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-        return layer_input, [torch.stack(f) for f in finals]
+                x = F.dropout(x, self.dropout, training=True)
+        return (x if restore is None else restore(x)), [torch.stack(f) for f in finals]
+
+
+def _to_padded(data: Tensor, batch_sizes: List[int], lengths: Optional[Tensor]):
+    """Rows (N, I) of a padded or packed layout -> (x (T, B, I), lengths on the device or None,
+    the function taking output (T, B, H) back to rows)."""
+    steps, batch = len(batch_sizes), batch_sizes[0]
+    if all(b == batch for b in batch_sizes):  # padded (a packed batch of equal lengths is one too)
+        return data.view(steps, batch, data.shape[1]), lengths, lambda out: out.reshape(steps * batch, out.shape[2])
+    # packed: rows sorted by length, so the padded batch is in sorted order too
+    x, host_lengths = pad_packed_sequence(PackedSequence(data, torch.tensor(batch_sizes)))
+    return x, host_lengths.to(data.device), lambda out: pack_padded_sequence(out, host_lengths).data
 
 
 class GRU(_RecurrentLayers):
     """nn.GRU with fused kernels. forward(input, hx=None) -> (output, h_n)."""
     gates, has_cell_state = 3, False
 
-    def _run_direction(self, x, states, batch_sizes, weights, reverse):
+    def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths):
         w_ih, w_hh, b_ih, b_hh = weights
         return functional.gru_layer(x, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                                    backend=self.backend)
+                                    lengths=lengths, backend=self.backend)
+
+    def _persistent_direction(self, x, states, weights, lengths, reverse):
+        return persistent_autograd.persistent_gru_layer(x, states[0], *weights, lengths, reverse)
 
 
 class LSTM(_RecurrentLayers):
@@ -261,10 +300,13 @@ class LSTM(_RecurrentLayers):
         super().__init__(*args, **kwargs)
         self.proj_size = 0
 
-    def _run_direction(self, x, states, batch_sizes, weights, reverse):
+    def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths):
         w_ih, w_hh, b_ih, b_hh = weights
         return functional.lstm_layer(x, states[0], states[1], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                                     backend=self.backend)
+                                     lengths=lengths, backend=self.backend)
+
+    def _persistent_direction(self, x, states, weights, lengths, reverse):
+        return persistent_autograd.persistent_lstm_layer(x, states[0], states[1], *weights, lengths, reverse)
 
 
 # ------------------------------------------------------------------------------- attention

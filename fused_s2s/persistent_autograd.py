@@ -9,11 +9,15 @@ the state after its last step. One launch per layer direction, forward and backw
 backward kernel gives the gate gradients of every step and dW_hh, db_hh are whole-sequence GEMMs
 here (dW_ih, db_ih and dx follow from gx through autograd).
 
-Not used by fused_s2s.GRU/LSTM yet: `persistent_layer_available()` is the question they will ask.
+fused_s2s.GRU/LSTM run their layers here when `module_reason()` says nothing stands in the way:
+CUDA input, the `cpp` backend chosen for the call, the plan fits (forward, and backward when
+gradients are needed), not inside torch.compile (it traces the per-step custom ops), and not
+switched off with $FUSED_S2S_PERSISTENT=0 or `persistent_autograd.enabled = False`.
 """
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 from typing import Optional, Tuple
 
@@ -26,6 +30,8 @@ from .functional import _autocast
 from .persistent import MAX_ROWS_PER_BLOCK, previous_states, recurrent_weight_gradients
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+enabled = os.environ.get("FUSED_S2S_PERSISTENT", "1") != "0"
 
 
 def _extension() -> ModuleType:
@@ -64,26 +70,50 @@ def persistent_layer_available(mode: str, x: Tensor, hidden: int, *, training: b
     """None if a `mode` ("GRU"/"LSTM") layer direction of `hidden` units over the padded input
     x (T,B,I), or (B,T,I) with batch_first, can run on the persistent kernels here, in x's
     dtype; else the reason it cannot. `training`: the backward kernel must fit too."""
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        return "x must be a 3-D tensor"
+    return _fit_reason(mode, x.dtype, x.device, x.shape[0 if batch_first else 1], hidden, training, max_blocks,
+                       max_rows_per_block)
+
+
+def _fit_reason(mode: str, dtype: torch.dtype, device: torch.device, batch: int, hidden: int, training: bool,
+                max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK) -> Optional[str]:
     cell = str(mode).lower()
     if cell not in ("gru", "lstm"):
         return f"mode must be 'GRU' or 'LSTM', got {mode!r}"
     _, reason = _kernels()
     if reason is not None:
         return reason
-    if not isinstance(x, Tensor) or x.dim() != 3:
-        return "x must be a 3-D tensor"
-    if not x.is_cuda:
-        return f"the persistent kernels need CUDA tensors, got device {x.device}"
-    if x.dtype not in _DTYPES:
-        return f"the persistent kernels support float32/float16/bfloat16, not {x.dtype}"
-    batch = x.shape[0 if batch_first else 1]
-    device = torch.device("cuda", x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if device.type != "cuda":
+        return f"the persistent kernels need CUDA tensors, got device {device}"
+    if dtype not in _DTYPES:
+        return f"the persistent kernels support float32/float16/bfloat16, not {dtype}"
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     for backward in (False, True) if training else (False,):
-        reason = _plan_reason(cell, x.dtype, int(batch), int(hidden), device, backward, int(max_blocks),
+        reason = _plan_reason(cell, dtype, int(batch), int(hidden), device, backward, int(max_blocks),
                               int(max_rows_per_block))
         if reason is not None:
             return reason
     return None
+
+
+def module_reason(mode: str, backend: Optional[str], data: Tensor, batch: int, hidden: int,
+                  training: bool) -> Optional[str]:
+    """None if a GRU/LSTM module should run its layers on the persistent kernels, else why not.
+    data: the module's input rows (N, I) (padded or packed); the call's dtype is the autocast
+    dtype when autocast is on."""
+    if not enabled:
+        return "switched off ($FUSED_S2S_PERSISTENT=0 or persistent_autograd.enabled = False)"
+    if not data.is_cuda:
+        return f"the persistent kernels need CUDA tensors, got device {data.device}"
+    if torch.compiler.is_compiling():
+        return "inside torch.compile the per-step custom ops are traced instead"
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else data.dtype
+    op = "gru_cell" if mode.lower() == "gru" else "lstm_cell"
+    name = backends.resolve(backend, op, data.device, dtype, data.shape[0] * 4 * hidden)
+    if name != "cpp":
+        return f"the {name!r} backend was chosen; the persistent kernels belong to 'cpp'"
+    return _fit_reason(mode, dtype, data.device, batch, hidden, training)
 
 
 def _no_autocast(method):

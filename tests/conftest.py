@@ -8,6 +8,7 @@ never hide behind a green run.
 import os
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     # must happen before triton is imported anywhere
@@ -100,3 +101,30 @@ def assert_close_to_reference(ours: torch.Tensor, ref64: torch.Tensor, plain: to
     plain_err = (plain.double() - ref64).abs().max().item() if ours.numel() else 0.0
     ulp = torch.finfo(ours.dtype).eps * max(ref64.abs().max().item() if ours.numel() else 0.0, 1.0)
     assert err <= 2 * plain_err + ulp, f"{name}: error {err:.3g} > 2 x plain {ours.dtype} error {plain_err:.3g} + {ulp:.3g}"
+
+
+def masked_layer_reference(cell, gx, h0, c0, w_hh, b_hh, lengths, reverse):
+    """The design's per-step math over the padded layout: a row runs its steps t < lengths[b]
+    (from its last one when reversed), outputs zero past its length and keeps its state."""
+    steps, hidden = gx.shape[0], h0.shape[1]
+    lens = (torch.full((h0.shape[0],), steps, device=gx.device) if lengths is None
+            else lengths.to(gx.device).clamp(0, steps))
+    h, c, outs = h0, c0, [None] * steps
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        active = (t < lens)[:, None]
+        gh = F.linear(h, w_hh, b_hh)
+        if cell == "gru":
+            x_r, x_z, x_n = gx[t].split(hidden, 1)
+            h_r, h_z, h_n = gh.split(hidden, 1)
+            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+            n = torch.tanh(x_n + r * h_n)
+            h_new = (1 - z) * n + z * h
+        else:
+            i, f, g, o = (gx[t] + gh).split(hidden, 1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            c = torch.where(active, c_new, c)
+        h = torch.where(active, h_new, h)
+        outs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
+    out = torch.stack(outs) if steps else gx.new_zeros(0, h0.shape[0], hidden)
+    return out, h, c

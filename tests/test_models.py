@@ -9,7 +9,7 @@ from fused_s2s.decoding import greedy_decode
 from fused_s2s.models import ATTENTIONS, CELLS, AttnDecoder, Encoder, Seq2Seq, sequence_loss
 from fused_s2s.train import load_checkpoint, save_checkpoint
 
-
+from conftest import REQUIRED
 
 COMBOS = [(c, a) for c in CELLS for a in ATTENTIONS]
 
@@ -135,6 +135,34 @@ def test_backends_agree_on_the_whole_model(backend, cell, attention):
     torch.testing.assert_close(results[1][0], results[0][0])
     for g1, g0 in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("cell,attention", [("gru", "bahdanau"), ("lstm", "general")])
+def test_compile_fullgraph_whole_model(backend, cell, attention):
+    """The demo model's training step (encoder over padded sources with lengths, teacher-forced
+    attention decoder, loss, backward) compiles into one graph and gives eager's results."""
+    reason = backends.unsupported_reason(backend, f"{cell}_cell", torch.device("cpu"), torch.float32)
+    if reason is not None and backend not in REQUIRED:
+        pytest.skip(f"{backend} on cpu: {reason}")
+    model = small_model(cell, attention, layers=2, backend=backend)
+    b = date_batch(4)
+    src, tgt_in, tgt_out = b.src[:, :7], b.tgt_in[:, :5], b.tgt_out[:, :5]  # a short unrolled loop
+    src_lengths = b.src_lengths.clamp(max=7)
+
+    def loss_fn(src, src_lengths, tgt_in, tgt_out):
+        return sequence_loss(model(src, src_lengths, tgt_in), tgt_out)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        loss = fn(src, src_lengths, tgt_in, tgt_out)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)))
+    (eager_loss, eager_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, eager_loss)
+    for (name, _), g, g_eager in zip(model.named_parameters(), grads, eager_grads):
+        assert (g is None) == (g_eager is None), name
+        if g is not None:
+            torch.testing.assert_close(g, g_eager, msg=lambda m: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("cell,attention", [("gru", "bahdanau"), ("lstm", "general")])

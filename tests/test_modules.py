@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -208,3 +209,112 @@ def test_attention_kv_batch_idx_shares_keys():
     ref_ctx, ref_w = att(query, keys[idx], mask=mask[idx])
     torch.testing.assert_close(ctx, ref_ctx)
     torch.testing.assert_close(w, ref_w)
+
+
+def _padded_with_lengths(module, x, state, lengths, batch_first):
+    """Our module on padded input with `lengths=`, its loss-ready tensors."""
+    return _flatten(module(x, state, lengths=lengths))
+
+
+def _packed_then_padded(module, x, state, lengths, batch_first):
+    packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+    out, final = module(packed, state)
+    out = pad_packed_sequence(out, batch_first=batch_first, total_length=x.shape[1 if batch_first else 0])[0]
+    return _flatten((out, final))
+
+
+@pytest.mark.parametrize("backend,device,dtype", CPU64)
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_lengths_give_the_results_of_packing(backend, device, dtype, mode, batch_first):
+    """Padded input with lengths= equals nn's packed run (outputs, final states, every
+    gradient); padding holding NaN changes nothing; a zero length keeps the initial state."""
+    torch.manual_seed(2)
+    kw = dict(num_layers=2, bidirectional=True, batch_first=batch_first)
+    ref = getattr(nn, mode)(4, 5, **kw).double()
+    ours = getattr(fused_s2s, mode)(4, 5, backend=backend, **kw).double()
+    ours.load_state_dict(ref.state_dict())
+    T, B = 6, 4
+    lengths = torch.tensor([3, 6, 1, 4])
+    x = torch.randn((B, T, 4) if batch_first else (T, B, 4), dtype=torch.float64)
+    past = torch.arange(T)[None, :] >= lengths[:, None]  # (B, T)
+    x_nan = x.masked_fill((past if batch_first else past.t())[..., None], float("nan"))
+    h0 = torch.randn(4, B, 5, dtype=torch.float64)
+    state = h0 if mode == "GRU" else (h0, torch.randn_like(h0))
+    expected = _packed_then_padded(ref, x, state, lengths, batch_first)
+    got = _padded_with_lengths(ours, x_nan.requires_grad_(), state, lengths, batch_first)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a)
+    params = list(ref.parameters())
+    for (name, _), g_ref, g in zip(ref.named_parameters(), _grads(expected, params),
+                                   _grads(got, list(ours.parameters()))):
+        torch.testing.assert_close(g, g_ref, msg=lambda m: f"grad of {name}: {m}")
+
+    zero = torch.tensor([0, 6, 1, 4])  # nn cannot pack a zero length; the row must stay put
+    one_layer = getattr(fused_s2s, mode)(4, 5, batch_first=batch_first, backend=backend).double()
+    s0 = h0[:1].clone().requires_grad_()
+    out, final = one_layer(x, s0 if mode == "GRU" else (s0, state[1][:1]), lengths=zero)
+    final = final if mode == "GRU" else final[0]
+    row0 = out[0] if batch_first else out[:, 0]
+    assert torch.equal(row0, torch.zeros_like(row0)) and torch.equal(final[0, 0], s0[0, 0].detach())
+    final.sum().backward()
+    assert torch.equal(s0.grad[0, 0], torch.ones(5, dtype=torch.float64))
+
+
+def test_lengths_bad_input():
+    gru = fused_s2s.GRU(3, 4)
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(ValueError, match=r"lengths values must lie in \[0, 5\]"):
+        gru(x, lengths=torch.tensor([6, 1]))
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        gru(x, lengths=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
+        gru(x, lengths=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="batched"):
+        gru(x[:, 0], lengths=torch.tensor([1]))
+    with pytest.raises(ValueError, match="PackedSequence carries its own"):
+        gru(pack_padded_sequence(x, torch.tensor([5, 2])), lengths=torch.tensor([5, 2]))
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+@pytest.mark.parametrize("layout", ["padded", "lengths", "packed"])
+def test_route_to_whole_sequence_kernels(monkeypatch, mode, layout):
+    """The modules' route to the persistent kernels (padded (T, B, I) input, lengths on the
+    device, packed input padded and packed again, layers, directions, dropout's place), run on
+    CPU with an independent float64 stand-in for the kernels: it must equal nn."""
+    from conftest import masked_layer_reference
+    from fused_s2s import persistent_autograd as PA
+    calls = []
+
+    def stand_in(cell):
+        def layer(x, *args):
+            h0, c0 = (args[0], None) if cell == "gru" else args[:2]
+            w_ih, w_hh, b_ih, b_hh, lengths, reverse = args[-6:]
+            assert x.dim() == 3 and (lengths is None or lengths.dtype == torch.int64)
+            calls.append(None if lengths is None else lengths.tolist())
+            out, h, c = masked_layer_reference(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, lengths, reverse)
+            return (out, h) if cell == "gru" else (out, h, c)
+        return layer
+
+    monkeypatch.setattr(PA, "module_reason", lambda *args: None)
+    monkeypatch.setattr(PA, "persistent_gru_layer", stand_in("gru"))
+    monkeypatch.setattr(PA, "persistent_lstm_layer", stand_in("lstm"))
+    torch.manual_seed(3)
+    ref = getattr(nn, mode)(4, 5, num_layers=2, bidirectional=True).double()
+    ours = getattr(fused_s2s, mode)(4, 5, num_layers=2, bidirectional=True).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    h0 = torch.randn(4, 3, 5, dtype=torch.float64)
+    state = h0 if mode == "GRU" else (h0, torch.randn_like(h0))
+    lengths = torch.tensor([2, 6, 5])
+    if layout == "padded":
+        _assert_same(ref, ours, x, state)
+        assert calls == [None] * 4  # 2 layers x 2 directions
+    elif layout == "lengths":
+        expected = _packed_then_padded(ref, x, state, lengths, False)
+        for a, b in zip(expected, _padded_with_lengths(ours, x, state, lengths, False)):
+            torch.testing.assert_close(b, a)
+        assert calls == [[2, 6, 5]] * 4
+    else:
+        _assert_same(ref, ours, pack_padded_sequence(x, lengths, enforce_sorted=False), state)
+        assert calls == [[6, 5, 2]] * 4  # in the sorted order of the packed batch

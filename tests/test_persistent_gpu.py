@@ -6,10 +6,10 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from conftest import assert_close_to_reference
+import fused_s2s
+from conftest import assert_close_to_reference, masked_layer_reference
 from fused_s2s import persistent as P
 from fused_s2s import persistent_autograd as PA
 from fused_s2s.persistent_autograd import (PersistentGRUFunction, PersistentLSTMFunction, persistent_gru_layer,
@@ -29,36 +29,6 @@ def poison_allocator():
     allocate next most likely start as NaN and an element never written shows up."""
     for numel in (1 << 24, *(1 << 17,) * 16):  # a large block, then small-pool blocks
         torch.full((numel,), float("nan"), device="cuda")
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def reference_layer(cell, gx, h0, c0, w_hh, b_hh, lengths, reverse):
-    """The design's per-step math over the padded layout: a row runs its steps t < lengths[b]
-    (from its last one when reversed), outputs zero past its length and keeps its state."""
-    steps, hidden = gx.shape[0], h0.shape[1]
-    lens = (torch.full((h0.shape[0],), steps, device=gx.device) if lengths is None
-            else lengths.to(gx.device).clamp(0, steps))
-    h, c, outs = h0, c0, [None] * steps
-    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
-        active = (t < lens)[:, None]
-        gh = F.linear(h, w_hh, b_hh)
-        if cell == "gru":
-            x_r, x_z, x_n = gx[t].split(hidden, 1)
-            h_r, h_z, h_n = gh.split(hidden, 1)
-            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
-            n = torch.tanh(x_n + r * h_n)
-            h_new = (1 - z) * n + z * h
-        else:
-            i, f, g, o = (gx[t] + gh).split(hidden, 1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h_new = torch.sigmoid(o) * torch.tanh(c_new)
-            c = torch.where(active, c_new, c)
-        h = torch.where(active, h_new, h)
-        outs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
-    out = torch.stack(outs) if steps else gx.new_zeros(0, h0.shape[0], hidden)
-    return out, h, c
 
 
 def ours_layer(cell, gx, h0, c0, w_hh, b_hh, lengths, reverse, **knobs):
@@ -103,8 +73,8 @@ def check_parity(cell, steps, batch, hidden, dtype, lengths, reverse, bias=True,
     layer, grads = make_layer(cell, steps, batch, hidden, bias)
     assert persistent_layer_available(cell, layer["gx"].to(dtype), hidden, **knobs) is None
     ours, ours_grad = run(ours_layer, cell, layer, grads, dtype, lengths, reverse, used, **knobs)
-    ref, ref_grad = run(reference_layer, cell, layer, grads, torch.float64, lengths, reverse, used)
-    plain, plain_grad = run(reference_layer, cell, layer, grads, dtype, lengths, reverse, used)
+    ref, ref_grad = run(masked_layer_reference, cell, layer, grads, torch.float64, lengths, reverse, used)
+    plain, plain_grad = run(masked_layer_reference, cell, layer, grads, dtype, lengths, reverse, used)
     for name in ref:
         assert_close_to_reference(ours[name], ref[name], plain[name], name)
     for name in ref_grad:
@@ -199,13 +169,37 @@ def run_ours(cell, module, x, state, lengths):
     return torch.cat(outs, -1), (h_n if cell == "gru" else (h_n, torch.stack(c_ns)))
 
 
+def run_module(cell, module, x, state, lengths, packed):
+    """fused_s2s.GRU/LSTM with backend="cpp", sharing `module`'s parameters; with lengths, the
+    input goes in packed or as padded + lengths=. Checks that the persistent route was taken."""
+    ours = (fused_s2s.GRU if cell == "gru" else fused_s2s.LSTM)(
+        module.input_size, module.hidden_size, bidirectional=True, backend="cpp", device="cuda", dtype=x.dtype)
+    for name, p in module.named_parameters():
+        setattr(ours, name, p)
+    calls = []
+    layer_fn = f"persistent_{cell}_layer"
+    original = getattr(PA, layer_fn)
+    setattr(PA, layer_fn, lambda *args: calls.append(1) or original(*args))
+    try:
+        if lengths is None or packed:
+            out, state = run_torch(ours, x, state, lengths)
+        else:
+            out, state = ours(x, state, lengths=lengths)
+    finally:
+        setattr(PA, layer_fn, original)
+    assert len(calls) == 2, "the module did not run on the persistent kernels"
+    return out, state
+
+
 @gpu
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("lengths", [None, [7, 3, 1, 7, 5]], ids=["full", "packed"])
-def test_layer_functions_match_torch_nn(cell, dtype, lengths):
+@pytest.mark.parametrize("lengths", [None, [7, 3, 1, 7, 5]], ids=["full", "varying"])
+@pytest.mark.parametrize("via", ["layer-functions", "module-packed", "module-lengths"])
+def test_layer_functions_match_torch_nn(cell, dtype, lengths, via):
     """Both directions of a bidirectional nn.GRU/nn.LSTM (padded or packed input): outputs, final
-    states and the gradients of the input, initial states and every parameter."""
+    states and the gradients of the input, initial states and every parameter; through the
+    layer functions, and through fused_s2s.GRU/LSTM's route to them (packed, or lengths=)."""
     steps, batch, input_size, hidden = 7, 5, 19, 33
     lengths = None if lengths is None else torch.tensor(lengths)
     ref_module = make_torch_module(cell, input_size, hidden)
@@ -234,7 +228,11 @@ def test_layer_functions_match_torch_nn(cell, dtype, lengths):
 
     ref = run_with(run_torch, ref_module, torch.float64)
     plain = run_with(run_torch, ref_module, dtype)
-    ours = run_with(lambda m, x, s, lens: run_ours(cell, m, x, s, lens), ref_module, dtype)
+    if via == "layer-functions":
+        ours = run_with(lambda m, x, s, lens: run_ours(cell, m, x, s, lens), ref_module, dtype)
+    else:
+        ours = run_with(lambda m, x, s, lens: run_module(cell, m, x, s, lens, via == "module-packed"), ref_module,
+                        dtype)
     for name in ref:
         assert_close_to_reference(ours[name], ref[name], plain[name], name)
 
