@@ -2,8 +2,10 @@
 
 - train_step: teacher-forced forward, the padding-aware cross-entropy, backward (gradients
   of every parameter; the optimizer step is the same for both and left out);
-- greedy_decode: encode, then T decoder steps taking the argmax (no early stop), no_grad.
-Both report target tokens per second (B * T / time).
+- greedy_decode: encode, then T decoder steps taking the argmax (no early stop), no_grad;
+- greedy_loop: the T decoder steps alone (sources encoded beforehand), also inside a CUDA
+  graph with --graphs.
+Each reports target tokens per second (B * T / time).
 
 The plain twin has the same parameters: nn.GRU/nn.LSTM (cuDNN on CUDA) over packed sources
 for the encoder, nn.GRUCell/nn.LSTMCell for the decoder, and the naive attention code of
@@ -129,26 +131,46 @@ def _train_step(model, d):
         list(model.parameters())
 
 
+def _greedy_steps(model, memory, g, steps: int):
+    """`steps` greedy steps, no early stop (nothing to sync on: a CUDA graph can capture it)."""
+    from fused_s2s.decoding import greedy_step
+    out = []
+    for step in range(steps):
+        tokens, _, g = greedy_step(model, memory, g, step)
+        out.append(tokens)
+    return (torch.stack(out, 1),)
+
+
 def _greedy(model, d, steps: int):
-    from fused_s2s.data import BOS
+    """Encode, then decode: the whole greedy_decode row."""
+    from fused_s2s.decoding import GreedyState
     model.eval()
 
     def decode():
-        memory, state = model.encode(d["src"], d["src_lengths"])
-        tokens = torch.full((d["src"].shape[0],), BOS, dtype=torch.long, device=d["src"].device)
-        out = []
-        for _ in range(steps):
-            logp, state, _ = model.decode_step(tokens, state, memory)
-            tokens = logp.argmax(-1)
-            out.append(tokens)
-        return (torch.stack(out, 1),)
+        memory, g = GreedyState.start(model, d["src"], d["src_lengths"], max_len=steps)
+        return _greedy_steps(model, memory, g, steps)
     return decode, []
+
+
+def _greedy_loop(model, d, steps: int):
+    """The decoder loop alone, from sources encoded once: the greedy_loop row (per-step work,
+    also timed inside a CUDA graph with --graphs)."""
+    from fused_s2s.decoding import GreedyState
+    model.eval()
+    with torch.no_grad():
+        memory, start = GreedyState.start(model, d["src"], d["src_lengths"], max_len=steps)
+    return (lambda: _greedy_steps(model, memory, start, steps)), []
+
+
+# op -> (passes, bind(model, inputs, target steps))
+OPS = {"train_step": ("fwd+bwd", lambda model, d, steps: _train_step(model, d)),
+       "greedy_decode": ("fwd", _greedy),
+       "greedy_loop": ("fwd", _greedy_loop)}
 
 
 def _bind(cfg: Config, op: str, make_model):
     def bind(d):
-        model = make_model(d["model"])
-        return _train_step(model, d) if op == "train_step" else _greedy(model, d, cfg.T)
+        return OPS[op][1](make_model(d["model"]), d, cfg.T)
     return bind
 
 
@@ -172,7 +194,7 @@ def cases(ctx: Context) -> List[Case]:
     out = []
     for cfg in (QUICK_CONFIGS if ctx.quick else CONFIGS):
         for dtype in ctx.dtypes_for(DTYPE):
-            for op, passes in (("train_step", "fwd+bwd"), ("greedy_decode", "fwd")):
+            for op, (passes, _) in OPS.items():
                 rnn_op = "gru_cell" if cfg.cell == "gru" else "lstm_cell"
                 attn_op = "additive_attention" if cfg.attention in ("bahdanau", "concat") else "dot_attention"
                 impls: List[Impl] = ours(ctx, (rnn_op, attn_op), dtype, _ours(cfg, op))
@@ -181,5 +203,5 @@ def cases(ctx: Context) -> List[Case]:
                     family="end_to_end", op=op,
                     config=dict(cfg=cfg.name, B=cfg.B, S=cfg.S, T=cfg.T, E=cfg.E, H=cfg.H, L=cfg.layers),
                     dtype=dtype, passes=passes, make_inputs=_inputs(cfg), impls=impls,
-                    unit=("tokens", cfg.B * cfg.T), rotate=False))
+                    unit=("tokens", cfg.B * cfg.T), rotate=False, step=op == "greedy_loop"))
     return out

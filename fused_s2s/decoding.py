@@ -49,31 +49,57 @@ def _length_limits(src: Tensor, src_lengths: Tensor, max_len: Optional[int]) -> 
     return torch.full((src.shape[0],), max_len, dtype=torch.long, device=src.device)
 
 
+@dataclass
+class GreedyState:
+    """What greedy decoding carries from step to step, all on the device: the last tokens (B,),
+    the decoder state, which rows are finished (B,) bool, their summed log-probabilities (B,),
+    and each row's length limit (B,)."""
+    tokens: Tensor
+    decoder: object
+    finished: Tensor
+    log_probs: Tensor
+    limits: Tensor
+
+    @classmethod
+    def start(cls, model, src: Tensor, src_lengths: Tensor, max_len: Optional[int] = None):
+        """Encode the sources -> (memory, the state before the first step)."""
+        limits = _length_limits(src, src_lengths, max_len)
+        memory, decoder = model.encode(src, src_lengths)
+        batch, device = src.shape[0], src.device
+        return memory, cls(torch.full((batch,), BOS, dtype=torch.long, device=device), decoder,
+                           torch.zeros(batch, dtype=torch.bool, device=device), torch.zeros(batch, device=device),
+                           limits)
+
+
+def greedy_step(model, memory, g: GreedyState, step: int):
+    """Greedy step number `step` (from 0): -> (emitted tokens (B,), attention weights (B,S),
+    the next GreedyState). No host sync and no data-dependent shape, so a run of steps can be
+    captured in a CUDA graph; rows already finished emit PAD."""
+    step_log_probs, decoder, weights = model.decode_step(g.tokens, g.decoder, memory)
+    best, tokens = step_log_probs.max(dim=-1)
+    tokens = tokens.masked_fill(g.finished, PAD)
+    log_probs = g.log_probs + best.masked_fill(g.finished, 0.0)
+    finished = g.finished | (tokens == EOS) | (step + 1 >= g.limits)
+    return tokens, weights, GreedyState(tokens, decoder, finished, log_probs, g.limits)
+
+
 @torch.no_grad()
 def greedy_decode(model, src: Tensor, src_lengths: Tensor, max_len: Optional[int] = None,
                   return_attention: bool = False) -> Hypotheses:
-    """Pick the most likely token at each step, for every source of the batch at once."""
-    limits = _length_limits(src, src_lengths, max_len)
-    memory, state = model.encode(src, src_lengths)
-    batch = src.shape[0]
-    tokens = torch.full((batch,), BOS, dtype=torch.long, device=src.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
-    log_probs = torch.zeros(batch, device=src.device)
+    """Pick the most likely token at each step, for every source of the batch at once; stops
+    when every row has finished (one host sync per step for that check)."""
+    memory, g = GreedyState.start(model, src, src_lengths, max_len)
     out: List[Tensor] = []
     attention: List[Tensor] = []
-    for step in range(int(limits.max())):
-        step_log_probs, state, weights = model.decode_step(tokens, state, memory)
-        best, tokens = step_log_probs.max(dim=-1)
-        tokens = tokens.masked_fill(finished, PAD)
-        log_probs += best.masked_fill(finished, 0.0)
+    for step in range(int(g.limits.max())):
+        tokens, weights, g = greedy_step(model, memory, g, step)
         out.append(tokens)
         if return_attention:
             attention.append(weights)
-        finished |= (tokens == EOS) | (step + 1 >= limits)
-        if bool(finished.all()):
+        if bool(g.finished.all()):
             break
     tokens = torch.stack(out, dim=1)
-    return Hypotheses(tokens, (tokens != PAD).sum(1), log_probs,
+    return Hypotheses(tokens, (tokens != PAD).sum(1), g.log_probs,
                       torch.stack(attention, dim=1) if return_attention else None)
 
 

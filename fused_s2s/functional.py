@@ -49,12 +49,23 @@ def _check_index(name: str, t: Optional[Tensor], shape: Tuple[int, ...], device:
              f"{name} must be an integer tensor", TypeError)
     _check_shape(name, t, shape)
     t = t.to(device=device, dtype=torch.int64).contiguous()
-    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
-    if t.numel() and not capturing and not torch.compiler.is_compiling():
+    if t.numel() and can_read_values(t):
         # an out-of-range index would make a kernel read out of bounds: check it here
-        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync for both bounds
+        lo, hi = value_range(t)
         _require(lo >= 0 and hi <= upper, lambda: f"{name} values must lie in [0, {upper}], got [{lo}, {hi}]")
     return t
+
+
+def can_read_values(t: Tensor) -> bool:
+    """Whether t's values may be read on the host for a check: not while torch.compile traces
+    nor while a CUDA graph captures (there the checks are skipped; eager runs make them)."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def value_range(t: Tensor) -> Tuple[int, int]:
+    """(min, max) of a non-empty integer tensor, with one host sync for both."""
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()
+    return lo, hi
 
 
 def _pick(backend: Optional[str], op: str, t: Tensor, largest: int) -> str:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import BOS, PAD
+from .functional import can_read_values, value_range
 from .modules import GRU, LSTM, BahdanauAttention, GRUCell, LSTMCell, LuongAttention
 
 CELLS = ("gru", "lstm")
@@ -89,8 +90,8 @@ class Encoder(nn.Module):
             raise ValueError(f"src must be (batch, time), got shape {tuple(src.shape)}")
         if lengths.shape != src.shape[:1]:
             raise ValueError(f"lengths must have shape ({src.shape[0]},), got {tuple(lengths.shape)}")
-        if src.shape[0] and not torch.compiler.is_compiling():  # a traced graph cannot check values
-            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
+        if src.shape[0] and can_read_values(lengths):
+            lo, hi = value_range(lengths)
             if lo < 1 or hi > src.shape[1]:
                 raise ValueError(f"lengths must lie in [1, {src.shape[1]}], got [{lo}, {hi}]")
         return self.rnn(self.dropout(self.embedding(src)), lengths=lengths)

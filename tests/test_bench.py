@@ -102,7 +102,9 @@ def test_script_entry_point_lists_cases():
     assert any("layers/LSTM/cfg=long,T=1024,B=16,H=768,dir=uni/bfloat16/fwd" in i for i in ids)
     assert any("attention/additive_attention/cfg=torch-bench,B=1280,Tq=1,Tk=66,A=1024" in i for i in ids)
     assert any("attention/dot_attention/cfg=all-queries,B=32,Tq=1024,Tk=1024,A=256" in i for i in ids)
-    assert sum("[step]" in i for i in ids) == 48 + 2 * 2 * 5  # cells, and attention rows with Tq = 1
+    assert any("end_to_end/greedy_loop/cfg=gru-bahdanau" in i and "[step]" in i for i in ids)
+    # cells, attention rows with Tq = 1, and the greedy loop of the two demo configs
+    assert sum("[step]" in i for i in ids) == 48 + 2 * 2 * 5 + 2
 
 
 def test_sanitize_parity_script_passes_on_cpu(capsys):

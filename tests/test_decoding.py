@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fused_s2s.data import BOS, EOS, PAD, date_task, date_vocabs, make_batch, training_batches
-from fused_s2s.decoding import beam_search, decode, greedy_decode, translate
+from fused_s2s.decoding import GreedyState, beam_search, decode, greedy_decode, greedy_step, translate
 from fused_s2s.models import DecoderState, Memory, Seq2Seq
 from fused_s2s.train import evaluate, train
 
@@ -46,6 +46,29 @@ def check_hypotheses(hyp, batch_size):
     for row, n in zip(hyp.tokens.tolist(), hyp.lengths.tolist()):
         assert PAD not in row[:n] and BOS not in row and all(t == PAD for t in row[n:])
         assert EOS not in row[:n - 1]
+
+
+def run_greedy_steps(model, src, src_lengths, steps, max_len=None):
+    """`steps` greedy steps with no early stop: the loop a CUDA graph captures."""
+    memory, g = GreedyState.start(model, src, src_lengths, max_len)
+    tokens = []
+    for step in range(steps):
+        emitted, _, g = greedy_step(model, memory, g, step)
+        tokens.append(emitted)
+    return torch.stack(tokens, 1), g
+
+
+def test_fixed_step_greedy_loop_matches_greedy_decode(trained):
+    """Running past the point where every row finished only appends PAD: the fixed-length
+    loop (no host sync) gives greedy_decode's tokens and log-probabilities."""
+    model, batch = trained
+    with torch.no_grad():
+        expected = greedy_decode(model, batch.src, batch.src_lengths)
+        tokens, g = run_greedy_steps(model, batch.src, batch.src_lengths, expected.tokens.shape[1] + 3)
+    n = expected.tokens.shape[1]
+    assert torch.equal(tokens[:, :n], expected.tokens) and bool((tokens[:, n:] == PAD).all())
+    assert bool(g.finished.all())
+    torch.testing.assert_close(g.log_probs, expected.log_probs)
 
 
 @pytest.mark.parametrize("cell,attention", [("gru", "bahdanau"), ("lstm", "dot"), ("gru", "concat")])

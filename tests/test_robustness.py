@@ -210,3 +210,48 @@ def test_decoder_step_captures_in_cuda_graph(backend):
         expected = step()
     graph.replay()
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_greedy_decode_loop_captures_in_cuda_graph(backend):
+    """The greedy loop (GreedyState + greedy_step, no early stop) records into one CUDA graph
+    and replays to greedy_decode's answer for new sources copied into the same buffers."""
+    if backends.unsupported_reason(backend, "gru_cell", torch.device("cuda"), torch.float32):
+        pytest.skip(f"{backend} cannot run on CUDA here")
+    from fused_s2s.data import PAD, date_task, date_vocabs, make_batch
+    from fused_s2s.decoding import GreedyState, greedy_decode, greedy_step
+    from fused_s2s.models import Seq2Seq
+    src_vocab, tgt_vocab = date_vocabs()
+    torch.manual_seed(0)
+    model = Seq2Seq(len(src_vocab), len(tgt_vocab), 16, 32, backend=backend).cuda().eval()
+    batches = [make_batch(date_task(8, 1, seed=s)[0], src_vocab, tgt_vocab) for s in (1, 2)]
+    width = max(b.src.shape[1] for b in batches)
+    srcs = [torch.nn.functional.pad(b.src, (0, width - b.src.shape[1])).cuda() for b in batches]
+    src, src_lengths = srcs[0].clone(), batches[0].src_lengths.cuda()
+    steps = 12
+
+    def loop():
+        memory, g = GreedyState.start(model, src, src_lengths, max_len=steps)
+        out = []
+        for step in range(steps):
+            tokens, _, g = greedy_step(model, memory, g, step)
+            out.append(tokens)
+        return torch.stack(out, 1)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):
+            loop()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        tokens = loop()
+    for source, batch in zip(srcs, batches):
+        src.copy_(source)
+        src_lengths.copy_(batch.src_lengths)
+        graph.replay()
+        expected = greedy_decode(model, source, batch.src_lengths.cuda(), max_len=steps).tokens
+        assert torch.equal(tokens[:, :expected.shape[1]], expected)
+        assert bool((tokens[:, expected.shape[1]:] == PAD).all())  # after every row finished
