@@ -6,6 +6,9 @@ import os
 import sys
 from typing import List, Optional
 
+AMP = {"off": None, "bf16": "bfloat16", "fp16": "float16"}  # --amp -> torch dtype name (torch loads lazily)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -32,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--embedding-size", type=_positive_int, default=32, help="default: 32")
     demo.add_argument("--layers", type=_positive_int, default=1, help="encoder and decoder layers (default: 1)")
     demo.add_argument("--dropout", type=float, default=0.0, help="default: 0")
+    demo.add_argument("--amp", choices=tuple(AMP), default="off",
+                      help="mixed-precision training: bf16, or fp16 with a GradScaler (default: off)")
     demo.add_argument("--steps", type=_positive_int, default=1000,
                       help="training steps (default: 1000; about a minute on a 2-core CPU, seconds on a GPU)")
     demo.add_argument("--batch-size", type=_positive_int, default=64, help="default: 64")
@@ -157,14 +162,15 @@ def run_demo(args: argparse.Namespace) -> int:
         f"held-out pairs), e.g. {train_pairs[0][0]!r} -> {train_pairs[0][1]!r}")
     say(f"model: {args.cell.upper()} encoder-decoder, {args.attention} attention, hidden {args.hidden_size}, "
         f"{args.layers} layer(s), {sum(p.numel() for p in model.parameters()):,} parameters; device {device}"
-        f"{f' x {world} processes' if world > 1 else ''}; kernels: "
+        f"{f' x {world} processes' if world > 1 else ''}{f', mixed precision {args.amp}' if AMP[args.amp] else ''}; kernels: "
         + ", ".join(f"{op} -> {name}" for op, name in kernels.items()))
 
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     stream = training_batches(train_pairs, src_vocab, tgt_vocab, args.batch_size, seed=args.seed + rank)
-    result = train(net, stream, args.steps, lr=args.lr, device=device, progress=not args.no_progress and rank == 0)
+    result = train(net, stream, args.steps, lr=args.lr, device=device, progress=not args.no_progress and rank == 0,
+                   amp=getattr(torch, AMP[args.amp]) if AMP[args.amp] else None)
     say(f"train: {args.steps} steps in {result.seconds:.1f} s, {result.tokens_per_second * world:,.0f} tokens/s, "
         f"final loss {sum(result.losses[-20:]) / len(result.losses[-20:]):.4f}")
     if rank != 0:

@@ -108,6 +108,8 @@ def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
              backend: Optional[str] = None) -> Tensor:
     """One GRU step, as torch.nn.GRUCell: input (B, I) or (I,), hx (B, H) or (H,) or None."""
+    if isinstance(input, Tensor):  # under autocast, mixed float32/low-precision arguments are fine
+        input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     hidden = _check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 3)
     batched = input.dim() == 2
     x = input if batched else input.unsqueeze(0)
@@ -121,6 +123,8 @@ def lstm_cell(input: Tensor, state: Optional[Tuple[Tensor, Tensor]], w_ih: Tenso
               backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One LSTM step, as torch.nn.LSTMCell: returns (h', c')."""
     hx, cx = state if state is not None else (None, None)
+    if isinstance(input, Tensor):
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     hidden = _check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 4)
     if cx is not None:
         _check_tensor("cx", cx, (input.dim(),), input)

@@ -1,7 +1,8 @@
 """Training, evaluation and checkpoints.
 
 `train` runs AdamW with gradient clipping and a warm-up + cosine learning-rate schedule, showing
-a tqdm bar with the loss and tokens/s. It takes the model as given, so a model wrapped in
+a tqdm bar with the loss and tokens/s; `amp=torch.bfloat16` or `torch.float16` trains under
+torch.autocast (float16 with a GradScaler). It takes the model as given, so a model wrapped in
 `torch.nn.parallel.DistributedDataParallel` trains the same way (each rank feeding its own
 batches). Checkpoints hold the model's weights and config and both vocabularies, and reload
 into a model that decodes the same.
@@ -49,17 +50,22 @@ def _sync(device: torch.device) -> None:
 
 def train(model: nn.Module, batches: Iterator[Batch], steps: int, lr: float = 3e-3, weight_decay: float = 0.01,
           clip: float = 1.0, warmup: Optional[int] = None, device=None, progress: bool = True,
-          desc: str = "train") -> TrainResult:
+          desc: str = "train", amp: Optional[torch.dtype] = None) -> TrainResult:
     """Train `model` (a Seq2Seq, possibly wrapped in DDP) for `steps` batches from `batches`.
 
     Loss: mean cross-entropy over real target tokens, teacher forcing. Gradients are clipped to
-    total norm `clip` (None: no clipping). `warmup` defaults to 5% of the steps.
+    total norm `clip` (None: no clipping). `warmup` defaults to 5% of the steps. `amp`: None
+    (the parameters' dtype), torch.bfloat16 or torch.float16 (mixed precision: autocast, float32
+    parameters, and for float16 a GradScaler against underflowing gradients).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if amp not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"amp must be None, torch.bfloat16 or torch.float16, got {amp!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     warmup = max(1, steps // 20) if warmup is None else warmup
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
@@ -71,13 +77,15 @@ def train(model: nn.Module, batches: Iterator[Batch], steps: int, lr: float = 3e
     smoothed = None
     for step in bar:
         batch = next(batches).to(device)
-        logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-        loss = sequence_loss(logits, batch.tgt_out)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = sequence_loss(model(batch.src, batch.src_lengths, batch.tgt_in), batch.tgt_out)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if clip is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients
             nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped by the scaler when a float16 gradient overflowed
+        scaler.update()
         schedule.step()
         value = loss.item()
         result.losses.append(value)

@@ -44,6 +44,20 @@ def test_autocast_runs_in_low_precision(device, dtype):
     (out.float().sum() + ctx.float().sum()).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in gru.parameters())
 
+    # a decoder step: float32 input (embedding, context) with a state made under autocast, as
+    # nn.GRUCell/nn.LSTMCell accept it
+    x, h = torch.randn(3, 8, device=device), torch.randn(3, 16, device=device).to(dtype)
+    for ours, ref in ((fused_s2s.GRUCell(8, 16), torch.nn.GRUCell(8, 16)),
+                      (fused_s2s.LSTMCell(8, 16), torch.nn.LSTMCell(8, 16))):
+        ours.load_state_dict(ref.state_dict())
+        state = h if isinstance(ref, torch.nn.GRUCell) else (h, h.float())
+        with torch.autocast(device, dtype=dtype):
+            got, expected = ours.to(device)(x, state), ref.to(device)(x, state)
+        got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+        for a, b in zip(got, expected):
+            assert a.dtype == dtype  # (nn.LSTMCell under CPU autocast answers in float32)
+            torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_deterministic_forward_backward(backend):
