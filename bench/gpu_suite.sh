@@ -3,14 +3,17 @@
 # registry):
 #   1. build the extension for the device (sm_90 by default) with many jobs;
 #   2. run the whole pytest suite on the GPU (junit XML + log);
-#   3. compute-sanitizer memcheck and racecheck over bench/sanitize_parity.py;
+#   3. compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_parity.py;
 #   4. run the benchmark suite (JSON, Markdown, PNG).
+# Not in the default stages (slow, a call of its own): STAGES=sanitize_suite runs memcheck over
+# the whole parity test file (tests/test_parity.py) on the GPU.
 # Everything lands under ${OUT:-./gpu_out}: summary.txt, the benchmark's .json/.md/.png, and
 # logs.tar.gz (every stage's log and the junit XML). A failing stage never stops the later
 # ones; the summary is printed at the end.
 #
 # Environment knobs:
-#   STAGES=build,test,sanitize,bench   which stages to run (e.g. STAGES=bench for a re-run)
+#   STAGES=build,test,sanitize,bench   which stages to run (e.g. STAGES=bench for a re-run;
+#                                      STAGES=sanitize_suite SUITE_SECONDS=560 for the slow one)
 #   SUITE_SECONDS=530                  wall-clock budget for the whole suite
 #   BENCH_ARGS="--filter cells"        extra arguments for `python -m bench`
 #   MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FUSED_S2S_REQUIRE_BACKENDS=torch,cpp,triton
@@ -122,7 +125,16 @@ if wants sanitize; then
         run_stage racecheck "$(budget 60 110)" "grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|sanitize_parity:'" -- \
             "$SANITIZER" --tool racecheck --racecheck-report hazard --error-exitcode 3 --print-limit 30 \
             "$PY" bench/sanitize_parity.py
+        # reads of device memory nobody wrote (a kernel trusting an output it never filled)
+        run_stage initcheck "$(budget 60 90)" "grep -E 'ERROR SUMMARY|sanitize_parity:'" -- \
+            env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool initcheck --error-exitcode 3 --print-limit 30 \
+            "$PY" bench/sanitize_parity.py
     fi
+fi
+if wants sanitize_suite && [[ -n $SANITIZER ]]; then
+    run_stage sanitize_suite "$(budget 540 10)" "grep -E 'ERROR SUMMARY|passed|failed' | tail -n 2" -- \
+        env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 30 \
+        --leak-check no "$PY" -m pytest -q -x -p no:cacheprovider tests/test_parity.py -k cuda
 fi
 
 # ------------------------------------------------------------------------------ 4. benchmarks

@@ -7,7 +7,8 @@ float64.
 
 Shapes are odd on purpose (H=33, A=33, Dv=17, B=3) and the calls cover a fully masked row,
 `lengths`, `kv_batch_idx` (beams sharing a source) and a packed sequence whose batch shrinks
-step by step, so a kernel that reads or writes past a row, a mask or a tile shows up. The
+step by step (through the persistent whole-sequence kernels and the per-step ones), so a kernel
+that reads or writes past a row, a mask or a tile shows up. The
 tolerances are loose: the parity tests hold the precise ones; this script exists to run every
 kernel under the sanitizer. Exit status 1 on a mismatch or an error.
 """
@@ -23,11 +24,11 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
-from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 import fused_s2s  # noqa: E402
 import fused_s2s.functional as F  # noqa: E402
-from fused_s2s import backends, reference  # noqa: E402
+from fused_s2s import backends, persistent_autograd, reference  # noqa: E402
 
 TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float64: 1e-7}
 
@@ -105,7 +106,10 @@ def _layer_inputs(gen):
     return dict(x=_rand(gen, 3, 4, 20))  # (B, T, I), batch_first
 
 
-def _layer(cls_name: str):
+def _layer(cls_name: str, layout: str):
+    """A bidirectional layer over a packed batch that shrinks from 3 rows to 1 ("packed"; on
+    CUDA with cpp: the persistent kernels), the same forced onto the per-step kernels
+    ("per-step"), or padded input with lengths= ("lengths"; the reference packs it)."""
     def run(d, backend):
         x = d["x"]
         torch.manual_seed(0)  # the same float64 weights for the reference and every backend
@@ -115,8 +119,17 @@ def _layer(cls_name: str):
             ours.load_state_dict(m.state_dict())
             m = ours
         m = m.to(x.device, x.dtype)
-        lengths = torch.tensor([4, 2, 1])  # the batch shrinks from 3 rows to 1
-        out, _ = m(pack_padded_sequence(x, lengths, batch_first=True))
+        lengths = torch.tensor([4, 2, 1])
+        if layout == "lengths" and backend is not None:
+            out, _ = m(x, lengths=lengths)
+            return (out,), tuple(m.parameters())
+        previous, persistent_autograd.enabled = persistent_autograd.enabled, layout != "per-step"
+        try:
+            out, _ = m(pack_padded_sequence(x, lengths, batch_first=True))
+        finally:
+            persistent_autograd.enabled = previous
+        if layout == "lengths":  # the reference: padded back, zeros past each length
+            return (pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0],), tuple(m.parameters())
         return (out.data,), tuple(m.parameters())
     return run
 
@@ -128,9 +141,8 @@ CHECKS: List[Check] = [
     ("additive_attention step+beams", "additive_attention", _attention_inputs(True, True), _additive(True)),
     ("dot_attention", "dot_attention", _attention_inputs(False, False), _dot(False)),
     ("dot_attention step+beams", "dot_attention", _attention_inputs(False, True), _dot(True)),
-    ("GRU packed bidirectional", "gru_cell", _layer_inputs, _layer("GRU")),
-    ("LSTM packed bidirectional", "lstm_cell", _layer_inputs, _layer("LSTM")),
-]
+] + [(f"{cls} {layout} bidirectional", f"{cls.lower()}_cell", _layer_inputs, _layer(cls, layout))
+     for cls in ("GRU", "LSTM") for layout in ("packed", "per-step", "lengths")]
 
 
 def _fwd_bwd(run: Run, d: Dict[str, Tensor], backend: Optional[str]) -> List[Tensor]:
