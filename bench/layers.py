@@ -5,8 +5,9 @@
 - a small-H sweep: H in {64, 128, 256}, B in {1, 8, 64}, T=100, I=H, float32.
 One layer, fwd and fwd+bwd (gradients of the input and of every parameter).
 
-On CUDA `ours:cpp` runs the persistent whole-sequence kernels where their plan fits (else the
-per-step kernels); `ours:cpp(per-step)` forces the per-step kernels, for the comparison.
+On CUDA `ours:cpp` and `ours:triton` run their persistent whole-sequence kernels where those fit
+(Triton: H <= 64), else the per-step kernels; `ours:<backend>(per-step)` forces the per-step
+kernels, for the comparison.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def cases(ctx: Context) -> List[Case]:
                     impls: List[Impl] = ours(ctx, (op.lower() + "_cell",), dtype, _ours(cfg, our_cls))
                     if ctx.device.type == "cuda":
                         impls += [Impl(f"{i.name}(per-step)", _per_step(i.bind), ours=True, skip=i.skip)
-                                  for i in impls if i.name == "ours:cpp"]
+                                  for i in impls if i.name in ("ours:cpp", "ours:triton")]
                     impls.append(Impl(f"nn.{op}", _torch))
                     out.append(Case(
                         family="layers", op=op,

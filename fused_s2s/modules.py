@@ -79,8 +79,8 @@ class LSTMCell(_CellBase):
 class _RecurrentLayers(nn.Module):
     """What GRU and LSTM share: parameters named and ordered as in nn.GRU/nn.LSTM, input
     layouts (padded, batch_first, unbatched, PackedSequence, padded with `lengths=`), layers,
-    directions, dropout, and the choice between the per-step path and, on CUDA with the `cpp`
-    backend, the persistent whole-sequence kernels (see fused_s2s.persistent_autograd)."""
+    directions, dropout, and the choice between the per-step path and, on CUDA, the persistent
+    whole-sequence kernels of the cpp or triton backend (see fused_s2s.persistent_autograd)."""
     gates: int
     has_cell_state: bool
 
@@ -241,12 +241,13 @@ class _RecurrentLayers(nn.Module):
         """-> (output rows (N, D*H) in data's row layout, final states [(L*D, B, H)])."""
         batch = batch_sizes[0] if batch_sizes else 0
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (data, *states, *self.parameters()))
-        if persistent_autograd.module_reason(type(self).__name__, self.backend, data, batch, self.hidden_size,
-                                             training) is None:
+        kernels, _ = persistent_autograd.route(type(self).__name__, self.backend, data, batch, self.hidden_size,
+                                               training)
+        if kernels is not None:
             # the whole-sequence kernels take padded (T, B, I) input and mask by lengths
             x, lengths, restore = _to_padded(data, batch_sizes, lengths)
             run = lambda x, state, weights, reverse: self._persistent_direction(  # noqa: E731
-                x, state, weights, lengths, reverse)
+                x, state, weights, lengths, reverse, kernels)
         else:
             x, restore = data, None
             run = lambda x, state, weights, reverse: self._run_direction(  # noqa: E731
@@ -286,8 +287,8 @@ class GRU(_RecurrentLayers):
         return functional.gru_layer(x, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
                                     lengths=lengths, backend=self.backend)
 
-    def _persistent_direction(self, x, states, weights, lengths, reverse):
-        return persistent_autograd.persistent_gru_layer(x, states[0], *weights, lengths, reverse)
+    def _persistent_direction(self, x, states, weights, lengths, reverse, kernels):
+        return persistent_autograd.persistent_gru_layer(x, states[0], *weights, lengths, reverse, backend=kernels)
 
 
 class LSTM(_RecurrentLayers):
@@ -305,8 +306,9 @@ class LSTM(_RecurrentLayers):
         return functional.lstm_layer(x, states[0], states[1], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
                                      lengths=lengths, backend=self.backend)
 
-    def _persistent_direction(self, x, states, weights, lengths, reverse):
-        return persistent_autograd.persistent_lstm_layer(x, states[0], states[1], *weights, lengths, reverse)
+    def _persistent_direction(self, x, states, weights, lengths, reverse, kernels):
+        return persistent_autograd.persistent_lstm_layer(x, states[0], states[1], *weights, lengths, reverse,
+                                                         backend=kernels)
 
 
 # ------------------------------------------------------------------------------- attention

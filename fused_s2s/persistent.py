@@ -9,7 +9,7 @@ global memory behind one grid barrier per step.
 - `plan()` is `plan_layer()` of persistent_rnn.h, line for line (a test compiles the header and
   compares the two): whether a layer fits a device, and the grid and shared memory it would use.
   `fits()` answers it for a hypothetical device (the modules ask the compiled plan of the real
-  one, through persistent_autograd.module_reason()).
+  one, through persistent_autograd.route()).
 - `emulate_forward()` / `emulate_backward()` run the kernels' schedule in PyTorch: per step, per
   block (in any order), the weight slice laid out as in shared memory, the exchanged operand
   staged in k-chunks, the warps' k-tile split and accumulator banks, the gate epilogue, the

@@ -1,5 +1,7 @@
-"""Autograd Functions over the persistent whole-sequence GRU/LSTM kernels (fused_s2s._C built
-with CUDA; see csrc/cuda/persistent_rnn.h and fused_s2s/persistent.py).
+"""Autograd Functions over the persistent whole-sequence GRU/LSTM kernels: the CUDA ones of
+fused_s2s._C (backend "cpp"; see csrc/cuda/persistent_rnn.h and fused_s2s/persistent.py) and the
+Triton ones for hidden sizes up to 64 (backend "triton"; triton_kernels/persistent_rnn.py). Both
+take the same arguments and give the same outputs.
 
 Layout: padded and time-major. gx (T,B,G*H) = x @ W_ih^T + b_ih for all steps (one GEMM by the
 caller: `persistent_gru_layer` / `persistent_lstm_layer` do it), h0/c0 (B,H), W_hh (G*H,H), b_hh
@@ -9,10 +11,10 @@ the state after its last step. One launch per layer direction, forward and backw
 backward kernel gives the gate gradients of every step and dW_hh, db_hh are whole-sequence GEMMs
 here (dW_ih, db_ih and dx follow from gx through autograd).
 
-fused_s2s.GRU/LSTM run their layers here when `module_reason()` says nothing stands in the way:
-CUDA input, the `cpp` backend chosen for the call, the plan fits (forward, and backward when
-gradients are needed), not inside torch.compile (it traces the per-step custom ops), and not
-switched off with $FUSED_S2S_PERSISTENT=0 or `persistent_autograd.enabled = False`.
+fused_s2s.GRU/LSTM run their layers here when `route()` finds nothing in the way: CUDA input,
+a backend with persistent kernels chosen for the call, kernels that fit the shape (forward, and
+backward when gradients are needed), not inside torch.compile (it traces the per-step custom
+ops), and not switched off with $FUSED_S2S_PERSISTENT=0 or `persistent_autograd.enabled = False`.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from .functional import _autocast
 from .persistent import MAX_ROWS_PER_BLOCK, previous_states, recurrent_weight_gradients
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_BACKENDS = ("cpp", "triton")  # the backends that have persistent layer kernels
 
 enabled = os.environ.get("FUSED_S2S_PERSISTENT", "1") != "0"
 
@@ -38,10 +41,12 @@ def _extension() -> ModuleType:
     return backends.load("cpp")
 
 
-def _kernels() -> Tuple[Optional[ModuleType], Optional[str]]:
-    """(the compiled module, None) if it has the persistent kernels, else (None, why not)."""
+def _kernels(backend: str = "cpp") -> Tuple[Optional[ModuleType], Optional[str]]:
+    """(the backend's module, None) if it has the persistent kernels, else (None, why not)."""
+    if backend not in KERNEL_BACKENDS:
+        return None, f"backend {backend!r} has no persistent kernels (those have: {', '.join(KERNEL_BACKENDS)})"
     try:
-        module = _extension()
+        module = _extension() if backend == "cpp" else backends.load(backend)
     except backends.BackendUnavailable as e:
         return None, str(e)
     if not hasattr(module, "persistent_gru_fwd"):
@@ -49,8 +54,8 @@ def _kernels() -> Tuple[Optional[ModuleType], Optional[str]]:
     return module, None
 
 
-def _require_kernels() -> ModuleType:
-    module, reason = _kernels()
+def _require_kernels(backend: str = "cpp") -> ModuleType:
+    module, reason = _kernels(backend)
     if module is None:
         raise RuntimeError(f"persistent GRU/LSTM kernels unavailable: {reason}")
     return module
@@ -66,24 +71,27 @@ def _plan_reason(cell: str, dtype: torch.dtype, batch: int, hidden: int, device:
 
 def persistent_layer_available(mode: str, x: Tensor, hidden: int, *, training: bool = True,
                                batch_first: bool = False, max_blocks: int = 0,
-                               max_rows_per_block: int = MAX_ROWS_PER_BLOCK) -> Optional[str]:
+                               max_rows_per_block: int = MAX_ROWS_PER_BLOCK, backend: str = "cpp") -> Optional[str]:
     """None if a `mode` ("GRU"/"LSTM") layer direction of `hidden` units over the padded input
     x (T,B,I), or (B,T,I) with batch_first, can run on the persistent kernels here, in x's
     dtype; else the reason it cannot. `training`: the backward kernel must fit too."""
     if not isinstance(x, Tensor) or x.dim() != 3:
         return "x must be a 3-D tensor"
     return _fit_reason(mode, x.dtype, x.device, x.shape[0 if batch_first else 1], hidden, training, max_blocks,
-                       max_rows_per_block)
+                       max_rows_per_block, backend)
 
 
 def _fit_reason(mode: str, dtype: torch.dtype, device: torch.device, batch: int, hidden: int, training: bool,
-                max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK) -> Optional[str]:
+                max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK,
+                backend: str = "cpp") -> Optional[str]:
     cell = str(mode).lower()
     if cell not in ("gru", "lstm"):
         return f"mode must be 'GRU' or 'LSTM', got {mode!r}"
-    _, reason = _kernels()
+    module, reason = _kernels(backend)
     if reason is not None:
         return reason
+    if backend == "triton":  # one program per 16 batch rows, no plan: the hidden size decides
+        return module.persistent_reason(device, dtype, hidden)
     if device.type != "cuda":
         return f"the persistent kernels need CUDA tensors, got device {device}"
     if dtype not in _DTYPES:
@@ -97,23 +105,22 @@ def _fit_reason(mode: str, dtype: torch.dtype, device: torch.device, batch: int,
     return None
 
 
-def module_reason(mode: str, backend: Optional[str], data: Tensor, batch: int, hidden: int,
-                  training: bool) -> Optional[str]:
-    """None if a GRU/LSTM module should run its layers on the persistent kernels, else why not.
-    data: the module's input rows (N, I) (padded or packed); the call's dtype is the autocast
-    dtype when autocast is on."""
+def route(mode: str, backend: Optional[str], data: Tensor, batch: int, hidden: int,
+          training: bool) -> Tuple[Optional[str], str]:
+    """(the backend whose persistent kernels a GRU/LSTM module should run its layers on, "") or
+    (None, why not). data: the module's input rows (N, I) (padded or packed); the call's dtype
+    is the autocast dtype when autocast is on."""
     if not enabled:
-        return "switched off ($FUSED_S2S_PERSISTENT=0 or persistent_autograd.enabled = False)"
+        return None, "switched off ($FUSED_S2S_PERSISTENT=0 or persistent_autograd.enabled = False)"
     if not data.is_cuda:
-        return f"the persistent kernels need CUDA tensors, got device {data.device}"
+        return None, f"the persistent kernels need CUDA tensors, got device {data.device}"
     if torch.compiler.is_compiling():
-        return "inside torch.compile the per-step custom ops are traced instead"
+        return None, "inside torch.compile the per-step custom ops are traced instead"
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else data.dtype
     op = "gru_cell" if mode.lower() == "gru" else "lstm_cell"
     name = backends.resolve(backend, op, data.device, dtype, data.shape[0] * 4 * hidden)
-    if name != "cpp":
-        return f"the {name!r} backend was chosen; the persistent kernels belong to 'cpp'"
-    return _fit_reason(mode, dtype, data.device, batch, hidden, training)
+    reason = _fit_reason(mode, dtype, data.device, batch, hidden, training, backend=name)
+    return (name, "") if reason is None else (None, reason)
 
 
 def _no_autocast(method):
@@ -136,14 +143,15 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 class PersistentGRUFunction(torch.autograd.Function):
-    """apply(gx, h0, w_hh, b_hh, lengths, reverse, max_blocks=0, max_rows_per_block=16) -> (out, h_n).
-    Saves out, h0 and the gates [r, z, n, gh_n] of every step."""
+    """apply(gx, h0, w_hh, b_hh, lengths, reverse, max_blocks=0, max_rows_per_block=16, backend="cpp")
+    -> (out, h_n). Saves out, h0 and the gates [r, z, n, gh_n] of every step."""
 
     @staticmethod
     @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor],
-                reverse: bool, max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK):
-        kernels = _require_kernels()
+                reverse: bool, max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK,
+                backend: str = "cpp"):
+        kernels = _require_kernels(backend)
         lengths = _lengths_on(lengths, gx)
         knobs = (int(max_blocks), int(max_rows_per_block))
         save = any(ctx.needs_input_grad[:4])
@@ -151,7 +159,7 @@ class PersistentGRUFunction(torch.autograd.Function):
                                                      _contiguous(b_hh), lengths, bool(reverse), save, *knobs)
         if save:
             ctx.save_for_backward(out, h0.contiguous(), saved, w_hh.contiguous(), lengths)
-        ctx.setup = (bool(reverse), b_hh is not None, knobs)
+        ctx.setup = (bool(reverse), b_hh is not None, knobs, backend)
         ctx.set_materialize_grads(False)  # a missing gradient is passed to the kernel as None (zero)
         return out, h_n
 
@@ -159,23 +167,24 @@ class PersistentGRUFunction(torch.autograd.Function):
     @_no_autocast
     def backward(ctx, grad_out: Optional[Tensor], grad_h_n: Optional[Tensor]):
         out, h0, saved, w_hh, lengths = ctx.saved_tensors
-        reverse, has_bias, knobs = ctx.setup
-        grad_gx, grad_gh, grad_h0 = _require_kernels().persistent_gru_bwd(
+        reverse, has_bias, knobs, backend = ctx.setup
+        grad_gx, grad_gh, grad_h0 = _require_kernels(backend).persistent_gru_bwd(
             _contiguous(grad_out), _contiguous(grad_h_n), out, h0, saved, w_hh, lengths, reverse, *knobs)
         grad_w_hh, grad_b_hh = _recurrent_grads(ctx, 2, grad_gh, out, h0, lengths, reverse, has_bias)
-        return grad_gx, grad_h0, grad_w_hh, grad_b_hh, None, None, None, None
+        return grad_gx, grad_h0, grad_w_hh, grad_b_hh, None, None, None, None, None
 
 
 class PersistentLSTMFunction(torch.autograd.Function):
-    """apply(gx, h0, c0, w_hh, b_hh, lengths, reverse, max_blocks=0, max_rows_per_block=16) ->
-    (out, h_n, c_n). Saves out, h0, c0, the activated gates and the cell state of every step."""
+    """apply(gx, h0, c0, w_hh, b_hh, lengths, reverse, max_blocks=0, max_rows_per_block=16,
+    backend="cpp") -> (out, h_n, c_n). Saves out, h0, c0, the activated gates and the cell state
+    of every step."""
 
     @staticmethod
     @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 lengths: Optional[Tensor], reverse: bool, max_blocks: int = 0,
-                max_rows_per_block: int = MAX_ROWS_PER_BLOCK):
-        kernels = _require_kernels()
+                max_rows_per_block: int = MAX_ROWS_PER_BLOCK, backend: str = "cpp"):
+        kernels = _require_kernels(backend)
         lengths = _lengths_on(lengths, gx)
         knobs = (int(max_blocks), int(max_rows_per_block))
         save = any(ctx.needs_input_grad[:5])
@@ -184,7 +193,7 @@ class PersistentLSTMFunction(torch.autograd.Function):
                                                                   lengths, bool(reverse), save, *knobs)
         if save:
             ctx.save_for_backward(out, h0, c0, saved, c_seq, w_hh, lengths)
-        ctx.setup = (bool(reverse), b_hh is not None, knobs)
+        ctx.setup = (bool(reverse), b_hh is not None, knobs, backend)
         ctx.set_materialize_grads(False)
         return out, h_n, c_n
 
@@ -192,12 +201,12 @@ class PersistentLSTMFunction(torch.autograd.Function):
     @_no_autocast
     def backward(ctx, grad_out: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor]):
         out, h0, c0, saved, c_seq, w_hh, lengths = ctx.saved_tensors
-        reverse, has_bias, knobs = ctx.setup
-        grad_gates, grad_h0, grad_c0 = _require_kernels().persistent_lstm_bwd(
+        reverse, has_bias, knobs, backend = ctx.setup
+        grad_gates, grad_h0, grad_c0 = _require_kernels(backend).persistent_lstm_bwd(
             _contiguous(grad_out), _contiguous(grad_h_n), _contiguous(grad_c_n), c0, c_seq, saved, w_hh, lengths,
             reverse, *knobs)
         grad_w_hh, grad_b_hh = _recurrent_grads(ctx, 3, grad_gates, out, h0, lengths, reverse, has_bias)
-        return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, None, None, None, None
+        return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, None, None, None, None, None
 
 
 def _recurrent_grads(ctx, w_index: int, grad_gh: Tensor, out: Tensor, h0: Tensor, lengths: Optional[Tensor],
@@ -213,18 +222,22 @@ def _recurrent_grads(ctx, w_index: int, grad_gh: Tensor, out: Tensor, h0: Tensor
 
 def persistent_gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                          b_hh: Optional[Tensor], lengths: Optional[Tensor] = None, reverse: bool = False, *,
-                         max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK) -> Tuple[Tensor, Tensor]:
-    """One GRU layer direction over the padded time-major x (T,B,I) -> (out (T,B,H), h_n (B,H))."""
+                         max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK,
+                         backend: str = "cpp") -> Tuple[Tensor, Tensor]:
+    """One GRU layer direction over the padded time-major x (T,B,I) -> (out (T,B,H), h_n (B,H)),
+    on the persistent kernels of `backend` ("cpp" or "triton")."""
     x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
     gx = F.linear(x, w_ih, b_ih)  # the input projection: one GEMM for all steps
-    return PersistentGRUFunction.apply(gx, h0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block)
+    return PersistentGRUFunction.apply(gx, h0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block,
+                                       backend)
 
 
 def persistent_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                           b_hh: Optional[Tensor], lengths: Optional[Tensor] = None, reverse: bool = False, *,
-                          max_blocks: int = 0,
-                          max_rows_per_block: int = MAX_ROWS_PER_BLOCK) -> Tuple[Tensor, Tensor, Tensor]:
+                          max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK,
+                          backend: str = "cpp") -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer direction over the padded time-major x (T,B,I) -> (out, h_n, c_n)."""
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     gx = F.linear(x, w_ih, b_ih)
-    return PersistentLSTMFunction.apply(gx, h0, c0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block)
+    return PersistentLSTMFunction.apply(gx, h0, c0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block,
+                                        backend)

@@ -287,16 +287,17 @@ def test_route_to_whole_sequence_kernels(monkeypatch, mode, layout):
     calls = []
 
     def stand_in(cell):
-        def layer(x, *args):
+        def layer(x, *args, **kw):
             h0, c0 = (args[0], None) if cell == "gru" else args[:2]
             w_ih, w_hh, b_ih, b_hh, lengths, reverse = args[-6:]
+            assert kw == {"backend": "cpp"}
             assert x.dim() == 3 and (lengths is None or lengths.dtype == torch.int64)
             calls.append(None if lengths is None else lengths.tolist())
             out, h, c = masked_layer_reference(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, lengths, reverse)
             return (out, h) if cell == "gru" else (out, h, c)
         return layer
 
-    monkeypatch.setattr(PA, "module_reason", lambda *args: None)
+    monkeypatch.setattr(PA, "route", lambda *args: ("cpp", ""))
     monkeypatch.setattr(PA, "persistent_gru_layer", stand_in("gru"))
     monkeypatch.setattr(PA, "persistent_lstm_layer", stand_in("lstm"))
     torch.manual_seed(3)

@@ -401,10 +401,10 @@ def _compile_every_kernel_for_sm90():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fused_s2s.triton_kernels import gru_cell, lstm_cell
+    from fused_s2s.triton_kernels import gru_cell, lstm_cell, persistent_rnn
 
     float32_buffers = {"scores_ptr", "m_ptr", "l_ptr", "acc_ptr", "d_scores_ptr", "dv_part_ptr", "lse_ptr"}
-    index_args = {"lengths_ptr", "kv_idx_ptr"}
+    index_args = {"lengths_ptr", "kv_idx_ptr", "len_ptr"}
 
     def compile_one(kernel, dtype, p_dtype, constexprs, num_warps, sizes_one=False):
         """sizes_one: every integer argument 1, which Triton's launcher turns into a constant."""
@@ -454,6 +454,15 @@ def _compile_every_kernel_for_sm90():
     for kernel in (gru_cell._gru_cell_bwd_kernel, lstm_cell._lstm_cell_bwd_kernel, _attention._combine_kernel):
         for dtype, sizes_one in (("fp32", False), ("bf16", False), ("fp16", True)):
             compile_one(kernel, dtype, dtype, flags, 4, sizes_one)
+            count += 1
+    # the persistent layers: both cells and directions, every hidden block up to 64, each dtype
+    persistent_flags = dict(HAS_BIAS=True, HAS_LENGTHS=True, SAVE=True, HAS_GRAD_OUT=True, HAS_GRAD_H_N=True,
+                            HAS_GRAD_C_N=True, PRECISION="ieee", BLOCK_B=persistent_rnn.BLOCK_B)
+    for kernel in (persistent_rnn._forward_kernel, persistent_rnn._backward_kernel):
+        for n, (is_lstm, block_h) in enumerate((c, b) for c in (False, True) for b in (16, 32, 64)):
+            dtype, sizes_one = [("fp32", False), ("bf16", False), ("fp16", True)][n % 3]
+            compile_one(kernel, dtype, dtype, dict(persistent_flags, IS_LSTM=is_lstm, REVERSE=n % 2 == 1,
+                                                   BLOCK_H=block_h), 4 if block_h <= 32 else 8, sizes_one)
             count += 1
     print(f"compiled {count} kernel variants for sm_90")
 

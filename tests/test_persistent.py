@@ -1,6 +1,7 @@
 """The persistent whole-sequence GRU/LSTM kernels through their autograd Functions: parity with
 the float64 reference (the per-step math of the design, and nn.GRU/nn.LSTM), gradients, lengths,
-reverse, the plan knobs and bad input. Everything but the last test needs a GPU."""
+reverse, the plan knobs and bad input. The CUDA kernels (backend "cpp") need a GPU; the Triton
+ones (H <= 64) also run on CPU under Triton's interpreter, which is how CI tests them."""
 import copy
 import types
 
@@ -9,7 +10,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_s2s
-from conftest import assert_close_to_reference, masked_layer_reference
+from conftest import assert_close_to_reference, masked_layer_reference, parity_cases
 from fused_s2s import persistent as P
 from fused_s2s import persistent_autograd as PA
 from fused_s2s.persistent_autograd import (PersistentGRUFunction, PersistentLSTMFunction, persistent_gru_layer,
@@ -24,29 +25,32 @@ def dtype_id(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def poison_allocator():
+def poison_allocator(device):
     """Leave NaN-filled blocks in both pools of the caching allocator, so that outputs the kernels
     allocate next most likely start as NaN and an element never written shows up."""
+    if torch.device(device).type != "cuda":
+        return  # on CPU the tests that care use the poison_uninitialized fixture
     for numel in (1 << 24, *(1 << 17,) * 16):  # a large block, then small-pool blocks
-        torch.full((numel,), float("nan"), device="cuda")
+        torch.full((numel,), float("nan"), device=device)
 
 
 def ours_layer(cell, gx, h0, c0, w_hh, b_hh, lengths, reverse, **knobs):
-    poison_allocator()
-    args = (lengths, reverse, knobs.get("max_blocks", 0), knobs.get("max_rows_per_block", 16))
+    poison_allocator(gx.device)
+    args = (lengths, reverse, knobs.get("max_blocks", 0), knobs.get("max_rows_per_block", 16),
+            knobs.get("backend", "cpp"))
     if cell == "gru":
         out, h_n = PersistentGRUFunction.apply(gx, h0, w_hh, b_hh, *args)
         return out, h_n, None
     return PersistentLSTMFunction.apply(gx, h0, c0, w_hh, b_hh, *args)
 
 
-def make_layer(cell, steps, batch, hidden, bias=True, seed=0):
-    """float64 CUDA tensors: gx, h0, c0, w_hh, b_hh, and the output gradients."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def make_layer(cell, steps, batch, hidden, bias=True, seed=0, device="cuda"):
+    """float64 tensors: gx, h0, c0, w_hh, b_hh, and the output gradients."""
+    g = torch.Generator(device=device).manual_seed(seed)
     gates = P.GATES[cell]
 
     def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float64) * scale
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float64) * scale
 
     layer = dict(gx=rand(steps, batch, gates * hidden), h0=rand(batch, hidden, scale=0.5),
                  c0=rand(batch, hidden, scale=0.5) if cell == "lstm" else None,
@@ -69,9 +73,10 @@ def run(fn, cell, layer, grads, dtype, lengths, reverse, used=("out", "h_n", "c_
 
 
 def check_parity(cell, steps, batch, hidden, dtype, lengths, reverse, bias=True, used=("out", "h_n", "c_n"),
-                 **knobs):
-    layer, grads = make_layer(cell, steps, batch, hidden, bias)
-    assert persistent_layer_available(cell, layer["gx"].to(dtype), hidden, **knobs) is None
+                 device="cuda", **knobs):
+    layer, grads = make_layer(cell, steps, batch, hidden, bias, device=device)
+    if device == "cuda":
+        assert persistent_layer_available(cell, layer["gx"].to(dtype), hidden, **knobs) is None
     ours, ours_grad = run(ours_layer, cell, layer, grads, dtype, lengths, reverse, used, **knobs)
     ref, ref_grad = run(masked_layer_reference, cell, layer, grads, torch.float64, lengths, reverse, used)
     plain, plain_grad = run(masked_layer_reference, cell, layer, grads, dtype, lengths, reverse, used)
@@ -80,7 +85,7 @@ def check_parity(cell, steps, batch, hidden, dtype, lengths, reverse, bias=True,
     for name in ref_grad:
         assert_close_to_reference(ours_grad[name], ref_grad[name], plain_grad[name], f"grad {name}")
     if lengths is not None:  # past its length a row outputs zeros and takes no gradient
-        past = torch.arange(steps, device="cuda")[:, None] >= lengths.to("cuda")[None, :]
+        past = torch.arange(steps, device=device)[:, None] >= lengths.to(device)[None, :]
         assert (ours["out"][past] == 0).all() and (ours_grad["gx"][past] == 0).all()
     return ours, ours_grad
 
@@ -169,17 +174,17 @@ def run_ours(cell, module, x, state, lengths):
     return torch.cat(outs, -1), (h_n if cell == "gru" else (h_n, torch.stack(c_ns)))
 
 
-def run_module(cell, module, x, state, lengths, packed):
-    """fused_s2s.GRU/LSTM with backend="cpp", sharing `module`'s parameters; with lengths, the
-    input goes in packed or as padded + lengths=. Checks that the persistent route was taken."""
+def run_module(cell, module, x, state, lengths, packed, backend):
+    """fused_s2s.GRU/LSTM with `backend`, sharing `module`'s parameters; with lengths, the input
+    goes in packed or as padded + lengths=. Checks that the persistent route was taken."""
     ours = (fused_s2s.GRU if cell == "gru" else fused_s2s.LSTM)(
-        module.input_size, module.hidden_size, bidirectional=True, backend="cpp", device="cuda", dtype=x.dtype)
+        module.input_size, module.hidden_size, bidirectional=True, backend=backend, device="cuda", dtype=x.dtype)
     for name, p in module.named_parameters():
         setattr(ours, name, p)
     calls = []
     layer_fn = f"persistent_{cell}_layer"
     original = getattr(PA, layer_fn)
-    setattr(PA, layer_fn, lambda *args: calls.append(1) or original(*args))
+    setattr(PA, layer_fn, lambda *args, **kw: calls.append(kw) or original(*args, **kw))
     try:
         if lengths is None or packed:
             out, state = run_torch(ours, x, state, lengths)
@@ -187,7 +192,7 @@ def run_module(cell, module, x, state, lengths, packed):
             out, state = ours(x, state, lengths=lengths)
     finally:
         setattr(PA, layer_fn, original)
-    assert len(calls) == 2, "the module did not run on the persistent kernels"
+    assert calls == [{"backend": backend}] * 2, "the module did not run on the persistent kernels"
     return out, state
 
 
@@ -195,7 +200,8 @@ def run_module(cell, module, x, state, lengths, packed):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("lengths", [None, [7, 3, 1, 7, 5]], ids=["full", "varying"])
-@pytest.mark.parametrize("via", ["layer-functions", "module-packed", "module-lengths"])
+@pytest.mark.parametrize("via", ["layer-functions", "module-packed", "module-lengths", "triton-module-packed",
+                                 "triton-module-lengths"])
 def test_layer_functions_match_torch_nn(cell, dtype, lengths, via):
     """Both directions of a bidirectional nn.GRU/nn.LSTM (padded or packed input): outputs, final
     states and the gradients of the input, initial states and every parameter; through the
@@ -231,8 +237,9 @@ def test_layer_functions_match_torch_nn(cell, dtype, lengths, via):
     if via == "layer-functions":
         ours = run_with(lambda m, x, s, lens: run_ours(cell, m, x, s, lens), ref_module, dtype)
     else:
-        ours = run_with(lambda m, x, s, lens: run_module(cell, m, x, s, lens, via == "module-packed"), ref_module,
-                        dtype)
+        backend = "triton" if via.startswith("triton") else "cpp"
+        ours = run_with(lambda m, x, s, lens: run_module(cell, m, x, s, lens, via.endswith("packed"), backend),
+                        ref_module, dtype)
     for name in ref:
         assert_close_to_reference(ours[name], ref[name], plain[name], name)
 
@@ -346,3 +353,65 @@ def test_unavailable_paths_give_a_reason(monkeypatch):
     assert "without CUDA kernels" in reason
     with pytest.raises(RuntimeError, match="without CUDA kernels"):
         PersistentGRUFunction.apply(torch.randn(3, 2, 24), torch.zeros(2, 8), torch.randn(24, 8), None, None, False)
+
+
+# ------------------------------------------------------------------- the Triton kernels (H <= 64)
+
+
+TRITON_CASES = [p for p in parity_cases("gru_cell", [torch.float32, torch.float16, torch.bfloat16])
+                if p.values[0] == "triton"]
+# (steps, batch, hidden): odd sizes; two programs of 16 rows and the largest hidden size; H=1, B=1
+TRITON_SHAPES = [(6, 5, 33), (4, 19, 64), (3, 1, 1)]
+DIRECTIONS = [(False, "full"), (True, "ragged"), (False, "ragged")]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend,device,dtype", TRITON_CASES)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "T{}-B{}-H{}".format(*s))
+@pytest.mark.parametrize("reverse,lengths", DIRECTIONS, ids=lambda v: str(v))
+def test_triton_functions_match_the_reference(cell, backend, device, dtype, shape, reverse, lengths,
+                                              poison_uninitialized):
+    steps, batch, hidden = shape
+    check_parity(cell, steps, batch, hidden, dtype, None if lengths == "full" else ragged(steps, batch), reverse,
+                 device=device, backend=backend)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend,device,dtype", [p for p in TRITON_CASES if p.values[2] == torch.float32])
+def test_triton_without_bias_missing_gradients_and_inference(cell, backend, device, dtype):
+    check_parity(cell, 6, 5, 33, dtype, ragged(6, 5), True, bias=False, device=device, backend=backend)
+    for used in ("out", "h_n", "c_n")[:2 if cell == "gru" else 3]:  # the others' gradients reach backward as None
+        check_parity(cell, 6, 5, 33, dtype, ragged(6, 5), False, used=(used,), device=device, backend=backend)
+    layer, _ = make_layer(cell, 5, 3, 9, device=device)
+    args = [layer[k].float() if layer[k] is not None else None for k in ("gx", "h0", "c0", "w_hh", "b_hh")]
+    with torch.no_grad():  # nothing saved for backward: the same outputs
+        inference = ours_layer(cell, *args, ragged(5, 3), True, backend=backend)
+    training = ours_layer(cell, *args, ragged(5, 3), True, backend=backend)
+    for a, b in zip(inference, training):
+        assert (a is None and b is None) or torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("backend,device,dtype", [p for p in TRITON_CASES if p.values[2] == torch.float32])
+def test_triton_bad_input_and_empty_sequences(backend, device, dtype):
+    from fused_s2s import triton_kernels as TK
+    T, B, H = 4, 3, 8
+    gx, h0, w_hh = torch.randn(T, B, 3 * H, device=device), torch.randn(B, H, device=device), torch.randn(3 * H, H, device=device)
+    with pytest.raises(ValueError, match="hidden sizes up to 64, got 65"):
+        TK.persistent_gru_fwd(torch.randn(T, B, 195, device=device), torch.randn(B, 65, device=device),
+                              torch.randn(195, 65, device=device), None, None, False, True)
+    with pytest.raises(ValueError, match="gx must have shape"):
+        TK.persistent_gru_fwd(gx[..., :-1].contiguous(), h0, w_hh, None, None, False, True)
+    with pytest.raises(ValueError, match="w_hh must have dtype"):
+        TK.persistent_gru_fwd(gx, h0, w_hh.half(), None, None, False, True)
+    with pytest.raises(ValueError, match="lengths must have dtype torch.int64"):
+        TK.persistent_gru_fwd(gx, h0, w_hh, None, torch.ones(B, dtype=torch.int32, device=device), False, True)
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        TK.persistent_gru_fwd(gx.double(), h0.double(), w_hh.double(), None, None, False, True)
+    assert "up to 64" in PA.persistent_layer_available("LSTM", torch.randn(2, 3, 4, device=device), 65,
+                                                       backend="triton")
+    for cell in CELLS:  # an empty sequence: the initial states, fresh tensors, and their gradients
+        layer, grads = make_layer(cell, 0, 3, 9, device=device)
+        outputs, grad = run(ours_layer, cell, layer, grads, dtype, None, False, backend=backend)
+        assert outputs["out"].shape == (0, 3, 9)
+        torch.testing.assert_close(outputs["h_n"], layer["h0"].float())
+        torch.testing.assert_close(grad["h0"], grads["h_n"].float())

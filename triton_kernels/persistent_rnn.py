@@ -1,0 +1,298 @@
+"""Persistent whole-sequence GRU/LSTM layers for small hidden sizes (H <= 64): the time loop
+runs inside one kernel and each program owns a block of 16 batch rows for the whole sequence,
+with every gate's W_hh block held on chip from the first step to the last. A program computes
+all hidden units of its rows, so the state never leaves it between steps: no grid barrier, no
+exchange through memory, one launch per layer direction instead of one (or three) per step.
+
+Same layout, arguments and outputs as the CUDA persistent kernels (fused_s2s._C
+`persistent_{gru,lstm}_{fwd,bwd}`, documented in csrc/cuda/persistent_rnn.h), so the autograd
+Functions of fused_s2s.persistent_autograd drive either: padded time-major gx (T,B,G*H), h0/c0
+(B,H), w_hh (G*H,H), b_hh (G*H) or None, lengths (B,) int64 or None (row b runs steps
+t < lengths[b], a reversed row from its own last step); an inactive row keeps its state and
+writes zeros to out/saved/c_seq. GRU saved = [r, z, n, gh_n], LSTM saved = activated [i, f, g, o]
+and c_seq = the cell state after each step. Math in float32; h is rounded to the tensor dtype
+every step (what the per-step path stores), c and the carried gradients stay float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import SUPPORTED_DTYPES, block, check, dot_precision, mm, sigmoid, tanh, unsupported_reason
+
+MAX_HIDDEN = 64
+"""The largest hidden size these kernels take: every gate's H x H block of W_hh stays in the
+program's registers for the whole sequence (LSTM at H = 64: 64 KB in float32)."""
+BLOCK_B = 16  # batch rows per program (the MMA tile height)
+
+
+def persistent_reason(device: torch.device, dtype: torch.dtype, hidden: int) -> Optional[str]:
+    """None if a layer of `hidden` units runs on these kernels here, else why not."""
+    if hidden > MAX_HIDDEN:
+        return f"the Triton persistent kernels take hidden sizes up to {MAX_HIDDEN}, got {hidden}"
+    return unsupported_reason("gru_cell", device, dtype)
+
+
+@triton.jit
+def _w_block(w_ptr, gate, H, rows_k, cols_j, TRANSPOSED: tl.constexpr):
+    """One gate's H x H block of w_hh as a (k, j) tile: w[gate*H + j, k] (for h @ W^T) when
+    TRANSPOSED, else w[gate*H + k, j] (for dgh @ W); zero outside H."""
+    ok = (rows_k < H)[:, None] & (cols_j < H)[None, :]
+    if TRANSPOSED:
+        return tl.load(w_ptr + (gate * H + cols_j)[None, :] * H + rows_k[:, None], mask=ok, other=0.0)
+    return tl.load(w_ptr + (gate * H + rows_k)[:, None] * H + cols_j[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _forward_kernel(gx_ptr, h0_ptr, c0_ptr, w_ptr, b_ptr, len_ptr, out_ptr, h_n_ptr, c_n_ptr, saved_ptr, c_seq_ptr,
+                    T, B, H, IS_LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    G: tl.constexpr = 4 if IS_LSTM else 3
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok, col_ok = rows < B, cols < H
+    ok = row_ok[:, None] & col_ok[None, :]
+    state = rows[:, None] * H + cols[None, :]
+    dt = out_ptr.dtype.element_ty
+    # the weights, on chip for the whole sequence
+    w0 = _w_block(w_ptr, 0, H, cols, cols, True)
+    w1 = _w_block(w_ptr, 1, H, cols, cols, True)
+    w2 = _w_block(w_ptr, 2, H, cols, cols, True)
+    w3 = w2
+    if IS_LSTM:
+        w3 = _w_block(w_ptr, 3, H, cols, cols, True)
+    zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    b0, b1, b2, b3 = zero, zero, zero, zero
+    if HAS_BIAS:
+        b0 = zero + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        b1 = zero + tl.load(b_ptr + H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        b2 = zero + tl.load(b_ptr + 2 * H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if IS_LSTM:
+            b3 = zero + tl.load(b_ptr + 3 * H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    lens = tl.full((BLOCK_B,), T, tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    h = tl.load(h0_ptr + state, mask=ok, other=0.0).to(tl.float32)
+    c = zero
+    if IS_LSTM:
+        c = tl.load(c0_ptr + state, mask=ok, other=0.0).to(tl.float32)
+    for s in range(0, T):
+        t = T - 1 - s if REVERSE else s
+        active = ok & (t < lens)[:, None]
+        hq = h.to(dt)
+        gx = gx_ptr + (t * B + rows)[:, None] * (G * H) + cols[None, :]
+        a0 = mm(hq, w0, b0, True, PRECISION)
+        a1 = mm(hq, w1, b1, True, PRECISION)
+        a2 = mm(hq, w2, b2, True, PRECISION)
+        x0 = tl.load(gx, mask=active, other=0.0).to(tl.float32)
+        x1 = tl.load(gx + H, mask=active, other=0.0).to(tl.float32)
+        x2 = tl.load(gx + 2 * H, mask=active, other=0.0).to(tl.float32)
+        if IS_LSTM:
+            a3 = mm(hq, w3, b3, True, PRECISION)
+            x3 = tl.load(gx + 3 * H, mask=active, other=0.0).to(tl.float32)
+            i, f, g, o = sigmoid(x0 + a0), sigmoid(x1 + a1), tanh(x2 + a2), sigmoid(x3 + a3)
+            c_new = f * c + i * g
+            h_new = o * tanh(c_new)
+            c = tl.where(active, c_new, c)
+            saved_parts = (i, f, g, o)
+            if SAVE:
+                tl.store(c_seq_ptr + t * B * H + state, tl.where(active, c_new, 0.0).to(dt), mask=ok)
+        else:
+            r, z = sigmoid(x0 + a0), sigmoid(x1 + a1)
+            n = tanh(x2 + r * a2)
+            h_new = (1.0 - z) * n + z * h
+            saved_parts = (r, z, n, a2)
+        tl.store(out_ptr + t * B * H + state, tl.where(active, h_new, 0.0).to(dt), mask=ok)
+        if SAVE:
+            saved = saved_ptr + (t * B + rows)[:, None] * (4 * H) + cols[None, :]
+            for q in tl.static_range(4):
+                tl.store(saved + q * H, tl.where(active, saved_parts[q], 0.0).to(dt), mask=ok)
+        h = tl.where(active, h_new.to(dt).to(tl.float32), h)
+    tl.store(h_n_ptr + state, h.to(dt), mask=ok)
+    if IS_LSTM:
+        tl.store(c_n_ptr + state, c.to(dt), mask=ok)
+
+
+@triton.jit
+def _backward_kernel(grad_out_ptr, grad_h_n_ptr, grad_c_n_ptr, out_ptr, h0_ptr, c0_ptr, c_seq_ptr, saved_ptr,
+                     w_ptr, len_ptr, grad_gx_ptr, grad_gh_ptr, grad_h0_ptr, grad_c0_ptr, T, B, H,
+                     IS_LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                     HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr, HAS_GRAD_C_N: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    G: tl.constexpr = 4 if IS_LSTM else 3
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok, col_ok = rows < B, cols < H
+    ok = row_ok[:, None] & col_ok[None, :]
+    state = rows[:, None] * H + cols[None, :]
+    dt = grad_gx_ptr.dtype.element_ty
+    # dh_prev = sum over gates of dgh_gate @ W_gate: the blocks untransposed
+    w0 = _w_block(w_ptr, 0, H, cols, cols, False)
+    w1 = _w_block(w_ptr, 1, H, cols, cols, False)
+    w2 = _w_block(w_ptr, 2, H, cols, cols, False)
+    w3 = w2
+    if IS_LSTM:
+        w3 = _w_block(w_ptr, 3, H, cols, cols, False)
+    lens = tl.full((BLOCK_B,), T, tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    dh, dc = zero, zero
+    if HAS_GRAD_H_N:
+        dh = tl.load(grad_h_n_ptr + state, mask=ok, other=0.0).to(tl.float32)
+    if HAS_GRAD_C_N:
+        dc = tl.load(grad_c_n_ptr + state, mask=ok, other=0.0).to(tl.float32)
+    for s in range(0, T):
+        t = s if REVERSE else T - 1 - s  # the forward's steps, last first
+        active = ok & (t < lens)[:, None]
+        # the step before t in the forward's order, or the initial state at a row's first step
+        t_prev = t + 1 if REVERSE else t - 1
+        first = (t == lens - 1)[:, None] if REVERSE else (zero == zero) & (t == 0)
+        from_seq = active & ~first
+        g = dh
+        if HAS_GRAD_OUT:
+            g += tl.load(grad_out_ptr + t * B * H + state, mask=active, other=0.0).to(tl.float32)
+        g = tl.where(active, g, 0.0)
+        saved = saved_ptr + (t * B + rows)[:, None] * (4 * H) + cols[None, :]
+        s0 = tl.load(saved, mask=ok, other=0.0).to(tl.float32)
+        s1 = tl.load(saved + H, mask=ok, other=0.0).to(tl.float32)
+        s2 = tl.load(saved + 2 * H, mask=ok, other=0.0).to(tl.float32)
+        s3 = tl.load(saved + 3 * H, mask=ok, other=0.0).to(tl.float32)
+        gates = (t * B + rows)[:, None] * (G * H) + cols[None, :]
+        if IS_LSTM:
+            i, f, gg, o = s0, s1, s2, s3
+            c_new = tl.load(c_seq_ptr + t * B * H + state, mask=ok, other=0.0).to(tl.float32)
+            c_prev = tl.where(from_seq, tl.load(c_seq_ptr + t_prev * B * H + state, mask=from_seq, other=0.0),
+                              tl.load(c0_ptr + state, mask=ok, other=0.0)).to(tl.float32)
+            tc = tanh(c_new)
+            d_o = g * tc * o * (1.0 - o)
+            dct = dc + g * o * (1.0 - tc * tc)
+            d_i = dct * gg * i * (1.0 - i)
+            d_f = dct * c_prev * f * (1.0 - f)
+            d_g = dct * i * (1.0 - gg * gg)
+            parts = (d_i.to(dt), d_f.to(dt), d_g.to(dt), d_o.to(dt))
+            for q in tl.static_range(4):
+                tl.store(grad_gx_ptr + gates + q * H, parts[q], mask=ok)
+            dh_new = mm(parts[0], w0, zero, True, PRECISION)
+            dh_new = mm(parts[1], w1, dh_new, True, PRECISION)
+            dh_new = mm(parts[2], w2, dh_new, True, PRECISION)
+            dh_new = mm(parts[3], w3, dh_new, True, PRECISION)
+            dc = tl.where(active, dct * f, dc)
+        else:
+            r, z, n, gh_n = s0, s1, s2, s3
+            h_prev = tl.where(from_seq, tl.load(out_ptr + t_prev * B * H + state, mask=from_seq, other=0.0),
+                              tl.load(h0_ptr + state, mask=ok, other=0.0)).to(tl.float32)
+            d_n = g * (1.0 - z) * (1.0 - n * n)
+            d_z = g * (h_prev - n) * z * (1.0 - z)
+            d_r = d_n * gh_n * r * (1.0 - r)
+            gx_parts = (d_r.to(dt), d_z.to(dt), d_n.to(dt))
+            gh_parts = (gx_parts[0], gx_parts[1], (d_n * r).to(dt))
+            for q in tl.static_range(3):
+                tl.store(grad_gx_ptr + gates + q * H, gx_parts[q], mask=ok)
+                tl.store(grad_gh_ptr + gates + q * H, gh_parts[q], mask=ok)
+            dh_new = mm(gh_parts[0], w0, (g * z).to(dt).to(tl.float32), True, PRECISION)
+            dh_new = mm(gh_parts[1], w1, dh_new, True, PRECISION)
+            dh_new = mm(gh_parts[2], w2, dh_new, True, PRECISION)
+        dh = tl.where(active, dh_new, dh)
+    tl.store(grad_h0_ptr + state, dh.to(dt), mask=ok)
+    if IS_LSTM:
+        tl.store(grad_c0_ptr + state, dc.to(dt), mask=ok)
+
+
+# --------------------------------------------------------------------------------- launchers
+
+
+def _check_layer(op: str, first: torch.Tensor, first_name: str, seq: torch.Tensor, seq_name: str, seq_width: int,
+                 w_hh: torch.Tensor, gates: int, lengths: Optional[torch.Tensor]) -> Tuple[int, int, int]:
+    """The checks every launcher makes; returns (T, B, H)."""
+    check(first_name, first, (None, None))
+    B, H = first.shape
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: {first_name} must be float32/float16/bfloat16, got {first.dtype}")
+    reason = persistent_reason(first.device, first.dtype, H)
+    if reason is not None:
+        raise ValueError(f"{op}: {reason}")
+    check(seq_name, seq, (None, B, seq_width * H), first.dtype, first.device)
+    check("w_hh", w_hh, (gates * H, H), first.dtype, first.device)
+    if lengths is not None:
+        check("lengths", lengths, (B,), torch.int64, first.device)
+    return seq.shape[0], B, H
+
+
+def _launch(kernel, T: int, B: int, H: int, *args, **meta) -> None:
+    if T == 0 or B == 0:
+        return
+    BLOCK_H = block(H)
+    kernel[(triton.cdiv(B, BLOCK_B),)](*args, T, B, H, **meta, PRECISION=dot_precision(), BLOCK_B=BLOCK_B,
+                                       BLOCK_H=BLOCK_H, num_warps=4 if BLOCK_H <= 32 else 8)
+
+
+def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    """A pointer argument for an optional tensor (the kernel never reads it when absent)."""
+    return fallback if t is None else t
+
+
+def persistent_gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, *knobs):
+    """-> (out (T,B,H), h_n (B,H), saved (T,B,4H) or None). `knobs` (the CUDA kernels' tiling
+    knobs) are accepted and unused."""
+    T, B, H = _check_layer("persistent_gru_fwd", h0, "h0", gx, "gx", 3, w_hh, 3, lengths)
+    if b_hh is not None:
+        check("b_hh", b_hh, (3 * H,), h0.dtype, h0.device)
+    out, h_n = h0.new_empty(T, B, H), h0.clone()
+    saved = h0.new_empty(T, B, 4 * H) if save else None
+    _launch(_forward_kernel, T, B, H, gx, h0, h0, w_hh, _or(b_hh, w_hh), _or(lengths, h0), out, h_n, h_n,
+            _or(saved, out), out, IS_LSTM=False, REVERSE=bool(reverse), HAS_BIAS=b_hh is not None,
+            HAS_LENGTHS=lengths is not None, SAVE=bool(save))
+    return out, h_n, saved
+
+
+def persistent_lstm_fwd(gx, h0, c0, w_hh, b_hh, lengths, reverse: bool, save: bool, *knobs):
+    """-> (out, h_n, c_n, saved (T,B,4H) or None, c_seq (T,B,H) or None)."""
+    T, B, H = _check_layer("persistent_lstm_fwd", h0, "h0", gx, "gx", 4, w_hh, 4, lengths)
+    check("c0", c0, (B, H), h0.dtype, h0.device)
+    if b_hh is not None:
+        check("b_hh", b_hh, (4 * H,), h0.dtype, h0.device)
+    out, h_n, c_n = h0.new_empty(T, B, H), h0.clone(), c0.clone()
+    saved, c_seq = (h0.new_empty(T, B, 4 * H), h0.new_empty(T, B, H)) if save else (None, None)
+    _launch(_forward_kernel, T, B, H, gx, h0, c0, w_hh, _or(b_hh, w_hh), _or(lengths, h0), out, h_n, c_n,
+            _or(saved, out), _or(c_seq, out), IS_LSTM=True, REVERSE=bool(reverse), HAS_BIAS=b_hh is not None,
+            HAS_LENGTHS=lengths is not None, SAVE=bool(save))
+    return out, h_n, c_n, saved, c_seq
+
+
+def persistent_gru_bwd(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse: bool, *knobs):
+    """-> (grad_gx (T,B,3H), grad_gh (T,B,3H), grad_h0 (B,H)); a missing gradient is zero."""
+    T, B, H = _check_layer("persistent_gru_bwd", h0, "h0", out, "out", 1, w_hh, 3, lengths)
+    check("saved", saved, (T, B, 4 * H), h0.dtype, h0.device)
+    for name, t, shape in (("grad_out", grad_out, (T, B, H)), ("grad_h_n", grad_h_n, (B, H))):
+        if t is not None:
+            check(name, t, shape, h0.dtype, h0.device)
+    grad_gx, grad_gh = h0.new_empty(T, B, 3 * H), h0.new_empty(T, B, 3 * H)
+    grad_h0 = h0.new_zeros(B, H) if grad_h_n is None else grad_h_n.clone()
+    _launch(_backward_kernel, T, B, H, _or(grad_out, out), _or(grad_h_n, h0), h0, out, h0, h0, out, saved, w_hh,
+            _or(lengths, h0), grad_gx, grad_gh, grad_h0, grad_h0, IS_LSTM=False, REVERSE=bool(reverse),
+            HAS_LENGTHS=lengths is not None, HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_H_N=grad_h_n is not None,
+            HAS_GRAD_C_N=False)
+    return grad_gx, grad_gh, grad_h0
+
+
+def persistent_lstm_bwd(grad_out, grad_h_n, grad_c_n, c0, c_seq, saved, w_hh, lengths, reverse: bool, *knobs):
+    """-> (grad_gates (T,B,4H), grad_h0, grad_c0 (B,H)); a missing gradient is zero."""
+    T, B, H = _check_layer("persistent_lstm_bwd", c0, "c0", c_seq, "c_seq", 1, w_hh, 4, lengths)
+    check("saved", saved, (T, B, 4 * H), c0.dtype, c0.device)
+    for name, t, shape in (("grad_out", grad_out, (T, B, H)), ("grad_h_n", grad_h_n, (B, H)),
+                           ("grad_c_n", grad_c_n, (B, H))):
+        if t is not None:
+            check(name, t, shape, c0.dtype, c0.device)
+    grad_gates = c0.new_empty(T, B, 4 * H)
+    grad_h0 = c0.new_zeros(B, H) if grad_h_n is None else grad_h_n.clone()
+    grad_c0 = c0.new_zeros(B, H) if grad_c_n is None else grad_c_n.clone()
+    _launch(_backward_kernel, T, B, H, _or(grad_out, c_seq), _or(grad_h_n, c0), _or(grad_c_n, c0), c_seq, c0, c0,
+            c_seq, saved, w_hh, _or(lengths, c0), grad_gates, grad_gates, grad_h0, grad_c0, IS_LSTM=True,
+            REVERSE=bool(reverse), HAS_LENGTHS=lengths is not None, HAS_GRAD_OUT=grad_out is not None,
+            HAS_GRAD_H_N=grad_h_n is not None, HAS_GRAD_C_N=grad_c_n is not None)
+    return grad_gates, grad_h0, grad_c0
