@@ -10,7 +10,8 @@ Tq = 1 rows pass 2-D queries (B, A), as a decoder does, and are per-step rows (C
 Baselines: the naive code OpenNMT-py (GlobalAttention), fairseq and the PyTorch seq2seq
 tutorial write (broadcast add, tanh, a Linear to one unit, masked_fill(-inf), softmax, bmm),
 that code under torch.compile, and for dot scores F.scaled_dot_product_attention (which
-returns no weights). Naive additive attention over all queries materialises the
+returns no weights). On CUDA the additive forward rows also time the cpp kernel with the
+hardware approximate tanh. Naive additive attention over all queries materialises the
 (B, Tq, Tk, A) tanh tensor: the peak-memory column shows it, OOM is reported as such.
 """
 from __future__ import annotations
@@ -121,6 +122,20 @@ def _ours(op: str, additive: bool):
     return bind_backend
 
 
+def _cpp_approx_tanh(d):
+    """The cpp forward kernel with the hardware tanh.approx.f32 (the extension's explicit
+    `approx_tanh` flag; the ops use the accurate tanhf): does the approximation pay?"""
+    from fused_s2s import backends
+    kernels = backends.load("cpp")
+    q = d["q"] if d["q"].dim() == 3 else d["q"].unsqueeze(1)
+
+    def run():
+        context, _, _ = kernels.additive_attention_fwd(q.contiguous(), d["k"], d["v"], d["values"], d["mask"], None,
+                                                       None, approx_tanh=True)
+        return (context.view(d["q"].shape[:-1] + context.shape[-1:]),)
+    return run, []
+
+
 def cases(ctx: Context) -> List[Case]:
     out = []
     for op in ("additive_attention", "dot_attention"):
@@ -135,6 +150,9 @@ def cases(ctx: Context) -> List[Case]:
                 flops = pairs * (3 * A + 2 * A) if additive else pairs * 4 * A
                 for passes in ("fwd", "fwd+bwd"):
                     impls: List[Impl] = ours(ctx, (op,), dtype, _ours(op, additive))
+                    if additive and passes == "fwd" and ctx.device.type == "cuda":
+                        impls += [Impl("ours:cpp(approx tanh)", _cpp_approx_tanh, ours=True, skip=i.skip)
+                                  for i in impls if i.name == "ours:cpp"]
                     impls.append(Impl("naive", _bind_fn(naive, additive)))
                     impls.append(compiled(ctx, "compile(naive)", naive, lambda fn: _bind_fn(fn, additive)))
                     if not additive:
