@@ -37,13 +37,36 @@ def persistent_reason(device: torch.device, dtype: torch.dtype, hidden: int) -> 
 
 
 @triton.jit
-def _w_block(w_ptr, gate, H, rows_k, cols_j, TRANSPOSED: tl.constexpr):
-    """One gate's H x H block of w_hh as a (k, j) tile: w[gate*H + j, k] (for h @ W^T) when
-    TRANSPOSED, else w[gate*H + k, j] (for dgh @ W); zero outside H."""
-    ok = (rows_k < H)[:, None] & (cols_j < H)[None, :]
+def _gate_blocks(w_ptr, H, cols, IS_LSTM: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Every gate's H x H block of w_hh as a (k, j) tile, zero outside H: w[gate*H + j, k] (for
+    h @ W^T) when TRANSPOSED, else w[gate*H + k, j] (for dgh @ W). GRU's three gates come back
+    with the last one repeated in the fourth place."""
+    ok = (cols < H)[:, None] & (cols < H)[None, :]
     if TRANSPOSED:
-        return tl.load(w_ptr + (gate * H + cols_j)[None, :] * H + rows_k[:, None], mask=ok, other=0.0)
-    return tl.load(w_ptr + (gate * H + rows_k)[:, None] * H + cols_j[None, :], mask=ok, other=0.0)
+        at = (cols * H)[None, :] + cols[:, None]
+    else:
+        at = (cols * H)[:, None] + cols[None, :]
+    w0 = tl.load(w_ptr + at, mask=ok, other=0.0)
+    w1 = tl.load(w_ptr + H * H + at, mask=ok, other=0.0)
+    w2 = tl.load(w_ptr + 2 * H * H + at, mask=ok, other=0.0)
+    w3 = w2
+    if IS_LSTM:
+        w3 = tl.load(w_ptr + 3 * H * H + at, mask=ok, other=0.0)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _program_tile(len_ptr, T, B, H, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's batch rows and the hidden columns: (rows, cols, ok (rows x cols in
+    range), state offsets into a (B, H) tensor, each row's length (T without lengths))."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok = rows < B
+    ok = row_ok[:, None] & (cols < H)[None, :]
+    lens = tl.full((BLOCK_B,), T, tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    return rows, cols, ok, rows[:, None] * H + cols[None, :], lens
 
 
 @triton.jit
@@ -52,19 +75,10 @@ def _forward_kernel(gx_ptr, h0_ptr, c0_ptr, w_ptr, b_ptr, len_ptr, out_ptr, h_n_
                     HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     G: tl.constexpr = 4 if IS_LSTM else 3
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_H)
-    row_ok, col_ok = rows < B, cols < H
-    ok = row_ok[:, None] & col_ok[None, :]
-    state = rows[:, None] * H + cols[None, :]
+    rows, cols, ok, state, lens = _program_tile(len_ptr, T, B, H, HAS_LENGTHS, BLOCK_B, BLOCK_H)
+    col_ok = cols < H
     dt = out_ptr.dtype.element_ty
-    # the weights, on chip for the whole sequence
-    w0 = _w_block(w_ptr, 0, H, cols, cols, True)
-    w1 = _w_block(w_ptr, 1, H, cols, cols, True)
-    w2 = _w_block(w_ptr, 2, H, cols, cols, True)
-    w3 = w2
-    if IS_LSTM:
-        w3 = _w_block(w_ptr, 3, H, cols, cols, True)
+    w0, w1, w2, w3 = _gate_blocks(w_ptr, H, cols, IS_LSTM, True)  # on chip for the whole sequence
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     b0, b1, b2, b3 = zero, zero, zero, zero
     if HAS_BIAS:
@@ -73,9 +87,6 @@ def _forward_kernel(gx_ptr, h0_ptr, c0_ptr, w_ptr, b_ptr, len_ptr, out_ptr, h_n_
         b2 = zero + tl.load(b_ptr + 2 * H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if IS_LSTM:
             b3 = zero + tl.load(b_ptr + 3 * H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    lens = tl.full((BLOCK_B,), T, tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
     h = tl.load(h0_ptr + state, mask=ok, other=0.0).to(tl.float32)
     c = zero
     if IS_LSTM:
@@ -124,22 +135,9 @@ def _backward_kernel(grad_out_ptr, grad_h_n_ptr, grad_c_n_ptr, out_ptr, h0_ptr, 
                      HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr, HAS_GRAD_C_N: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     G: tl.constexpr = 4 if IS_LSTM else 3
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_H)
-    row_ok, col_ok = rows < B, cols < H
-    ok = row_ok[:, None] & col_ok[None, :]
-    state = rows[:, None] * H + cols[None, :]
+    rows, cols, ok, state, lens = _program_tile(len_ptr, T, B, H, HAS_LENGTHS, BLOCK_B, BLOCK_H)
     dt = grad_gx_ptr.dtype.element_ty
-    # dh_prev = sum over gates of dgh_gate @ W_gate: the blocks untransposed
-    w0 = _w_block(w_ptr, 0, H, cols, cols, False)
-    w1 = _w_block(w_ptr, 1, H, cols, cols, False)
-    w2 = _w_block(w_ptr, 2, H, cols, cols, False)
-    w3 = w2
-    if IS_LSTM:
-        w3 = _w_block(w_ptr, 3, H, cols, cols, False)
-    lens = tl.full((BLOCK_B,), T, tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    w0, w1, w2, w3 = _gate_blocks(w_ptr, H, cols, IS_LSTM, False)  # dh_prev = sum of dgh_gate @ W_gate
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     dh, dc = zero, zero
     if HAS_GRAD_H_N:
