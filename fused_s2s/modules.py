@@ -279,7 +279,7 @@ def _to_padded(data: Tensor, batch_sizes: List[int], lengths: Optional[Tensor]):
 
 
 class GRU(_RecurrentLayers):
-    """nn.GRU with fused kernels. forward(input, hx=None) -> (output, h_n)."""
+    """nn.GRU with fused kernels. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
     gates, has_cell_state = 3, False
 
     def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths):
@@ -292,7 +292,7 @@ class GRU(_RecurrentLayers):
 
 
 class LSTM(_RecurrentLayers):
-    """nn.LSTM with fused kernels. forward(input, (h_0, c_0)=None) -> (output, (h_n, c_n))."""
+    """nn.LSTM with fused kernels. forward(input, (h_0, c_0)=None, *, lengths=None) -> (output, (h_n, c_n))."""
     gates, has_cell_state = 4, True
 
     def __init__(self, *args, proj_size: int = 0, **kwargs) -> None:

@@ -114,6 +114,8 @@ def route(mode: str, backend: Optional[str], data: Tensor, batch: int, hidden: i
         return None, "switched off ($FUSED_S2S_PERSISTENT=0 or persistent_autograd.enabled = False)"
     if not data.is_cuda:
         return None, f"the persistent kernels need CUDA tensors, got device {data.device}"
+    if data.shape[0] == 0:
+        return None, "no steps or no rows: nothing to launch"
     if torch.compiler.is_compiling():
         return None, "inside torch.compile the per-step custom ops are traced instead"
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else data.dtype
