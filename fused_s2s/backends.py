@@ -213,4 +213,8 @@ def describe() -> str:
         lines.append(f"  {name:7s} available; " + "; ".join(details))
     for dev, order in AUTO_ORDER.items():
         lines.append(f"auto on {dev}: tries {', '.join(order)}")
+    from . import persistent_autograd  # imported here: it imports this module
+    have = [n for n in persistent_autograd.KERNEL_BACKENDS if persistent_autograd._kernels(n)[0] is not None]
+    lines.append("persistent GRU/LSTM layers on CUDA: " + (", ".join(have) or "none built")
+                 + ("" if persistent_autograd.enabled else " (switched off: FUSED_S2S_PERSISTENT=0)"))
     return "\n".join(lines)
