@@ -252,15 +252,25 @@ class _RecurrentLayers(nn.Module):
             x, restore = data, None
             run = lambda x, state, weights, reverse: self._run_direction(  # noqa: E731
                 x, state, batch_sizes, weights, reverse, lengths)
+        # the Triton persistent kernels run both directions of a layer in one launch
+        pairs = kernels == "triton" and self.num_directions == 2
         finals: List[List[Tensor]] = [[] for _ in states]
         for layer in range(self.num_layers):
-            outputs = []
-            for direction, suffix in enumerate(self._suffixes()):
-                idx = layer * self.num_directions + direction
-                result = run(x, [s[idx] for s in states], self._weights(layer, suffix), direction == 1)
-                outputs.append(result[0])
+            if pairs:
+                stacked = [None if w[0] is None else torch.stack(w)
+                           for w in zip(*(self._weights(layer, suffix) for suffix in self._suffixes()))]
+                result = run(x, [s[2 * layer:2 * layer + 2] for s in states], stacked, False)
+                outputs = list(result[0].unbind(0))
                 for f, s in zip(finals, result[1:]):
-                    f.append(s)
+                    f.extend(s.unbind(0))
+            else:
+                outputs = []
+                for direction, suffix in enumerate(self._suffixes()):
+                    idx = layer * self.num_directions + direction
+                    result = run(x, [s[idx] for s in states], self._weights(layer, suffix), direction == 1)
+                    outputs.append(result[0])
+                    for f, s in zip(finals, result[1:]):
+                        f.append(s)
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)

@@ -214,12 +214,31 @@ class PersistentLSTMFunction(torch.autograd.Function):
 def _recurrent_grads(ctx, w_index: int, grad_gh: Tensor, out: Tensor, h0: Tensor, lengths: Optional[Tensor],
                      reverse: bool, has_bias: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """dW_hh = grad_gh^T @ h_prev and db_hh = sum(grad_gh) over the whole sequence, where asked
-    for (W_hh is input `w_index` of the Function, b_hh the next one)."""
+    for (W_hh is input `w_index` of the Function, b_hh the next one). With a leading direction
+    dimension (a bidirectional pair), per direction, the second one running opposite to `reverse`."""
     need_w, need_b = ctx.needs_input_grad[w_index], has_bias and ctx.needs_input_grad[w_index + 1]
+    if grad_gh.dim() == 4:
+        pairs = [_direction_grads(need_w, need_b, grad_gh[d], out[d], h0[d], lengths, reverse != (d == 1))
+                 for d in range(grad_gh.shape[0])]
+        return tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*pairs))
+    return _direction_grads(need_w, need_b, grad_gh, out, h0, lengths, reverse)
+
+
+def _direction_grads(need_w: bool, need_b: bool, grad_gh: Tensor, out: Tensor, h0: Tensor,
+                     lengths: Optional[Tensor], reverse: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     if not need_w:
         return None, (grad_gh.reshape(-1, grad_gh.shape[-1]).sum(0) if need_b else None)
-    grad_w_hh, grad_b_hh = recurrent_weight_gradients(grad_gh, previous_states(out, h0, lengths, reverse), need_b)
-    return grad_w_hh, grad_b_hh
+    return recurrent_weight_gradients(grad_gh, previous_states(out, h0, lengths, reverse), need_b)
+
+
+def _input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
+    """gx = x @ w_ih^T + b_ih for all steps: one GEMM, also for a stacked pair of directions
+    (w_ih (D, G*H, I) -> gx (D, T, B, G*H))."""
+    if w_ih.dim() == 2:
+        return F.linear(x, w_ih, b_ih)
+    d, rows = w_ih.shape[0], w_ih.shape[1]
+    gx = F.linear(x, w_ih.reshape(d * rows, -1), None if b_ih is None else b_ih.reshape(-1))
+    return gx.view(*x.shape[:-1], d, rows).movedim(-2, 0).contiguous()
 
 
 def persistent_gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
@@ -227,9 +246,11 @@ def persistent_gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih
                          max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK,
                          backend: str = "cpp") -> Tuple[Tensor, Tensor]:
     """One GRU layer direction over the padded time-major x (T,B,I) -> (out (T,B,H), h_n (B,H)),
-    on the persistent kernels of `backend` ("cpp" or "triton")."""
+    on the persistent kernels of `backend` ("cpp" or "triton"). With "triton", h0 and the
+    weights may be stacked pairs (2, ...): both directions of a bidirectional layer in one
+    launch, the second reversed relative to `reverse` -> out (2,T,B,H), h_n (2,B,H)."""
     x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
-    gx = F.linear(x, w_ih, b_ih)  # the input projection: one GEMM for all steps
+    gx = _input_projection(x, w_ih, b_ih)
     return PersistentGRUFunction.apply(gx, h0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block,
                                        backend)
 
@@ -238,8 +259,9 @@ def persistent_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh:
                           b_hh: Optional[Tensor], lengths: Optional[Tensor] = None, reverse: bool = False, *,
                           max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK,
                           backend: str = "cpp") -> Tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer direction over the padded time-major x (T,B,I) -> (out, h_n, c_n)."""
+    """One LSTM layer direction over the padded time-major x (T,B,I) -> (out, h_n, c_n); stacked
+    pairs of directions as persistent_gru_layer."""
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    gx = F.linear(x, w_ih, b_ih)
+    gx = _input_projection(x, w_ih, b_ih)
     return PersistentLSTMFunction.apply(gx, h0, c0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block,
                                         backend)

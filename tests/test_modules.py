@@ -1,5 +1,6 @@
 """Drop-in: torch.nn state_dicts load into our modules and give the same outputs and gradients;
 the attention layers match naive attention written independently."""
+import copy
 import itertools
 
 import pytest
@@ -319,3 +320,64 @@ def test_route_to_whole_sequence_kernels(monkeypatch, mode, layout):
     else:
         _assert_same(ref, ours, pack_padded_sequence(x, lengths, enforce_sorted=False), state)
         assert calls == [[6, 5, 2]] * 4  # in the sorted order of the packed batch
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("layout", ["padded", "lengths", "packed"])
+def test_route_to_triton_persistent_kernels(monkeypatch, mode, bidirectional, layout):
+    """The whole route with the real Triton persistent kernels, run on CPU by Triton's
+    interpreter (a bidirectional layer's two directions in one launch), two layers, against nn
+    in float64 by the float32 tolerance rule: outputs, final states, every gradient."""
+    from conftest import REQUIRED, assert_close_to_reference
+    from fused_s2s import backends
+    from fused_s2s import persistent_autograd as PA
+    reason = backends.unsupported_reason("triton", "gru_cell", torch.device("cpu"), torch.float32)
+    if reason is not None and "triton" not in REQUIRED:
+        pytest.skip(f"triton on cpu: {reason}")
+    torch.manual_seed(4)
+    kw = dict(num_layers=2, bidirectional=bidirectional)
+    ref = getattr(nn, mode)(6, 20, **kw).double()
+    ours = getattr(fused_s2s, mode)(6, 20, backend="triton", **kw)
+    ours.load_state_dict(ref.state_dict())
+    T, B, D = 7, 18, 2 if bidirectional else 1  # 18 rows: two programs of 16
+    x = torch.randn(T, B, 6, dtype=torch.float64)
+    h0 = torch.randn(2 * D, B, 20, dtype=torch.float64)
+    states = [h0] if mode == "GRU" else [h0, torch.randn_like(h0)]
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+
+    def results(module, dtype, routed):
+        module = module if dtype == torch.float64 else copy.deepcopy(module).to(dtype)
+        xs = x.to(dtype).requires_grad_()
+        ss = [s.to(dtype).requires_grad_() for s in states]
+        state = ss[0] if mode == "GRU" else tuple(ss)
+        calls = []
+        if routed:
+            layer_fn = f"persistent_{mode.lower()}_layer"
+            original = getattr(PA, layer_fn)
+            monkeypatch.setattr(PA, layer_fn, lambda *a, **k: calls.append(a[1].dim()) or original(*a, **k))
+            monkeypatch.setattr(PA, "route", lambda *a: ("triton", ""))
+        try:
+            if layout == "padded":
+                out, final = module(xs, state)
+            elif layout == "lengths" and routed:
+                out, final = module(xs, state, lengths=lengths)
+            else:  # nn, and packed input for ours
+                out, final = module(pack_padded_sequence(xs, lengths, enforce_sorted=False), state)
+                out = pad_packed_sequence(out, total_length=T)[0]
+        finally:
+            monkeypatch.undo()
+        if routed:  # one call per layer, with a stacked (2, B, H) state when bidirectional
+            assert calls == [3 if bidirectional else 2] * 2
+        finals = [final] if mode == "GRU" else list(final)
+        tensors = [out] + finals
+        loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=dtype).view_as(t)).sum() for t in tensors)
+        grads = torch.autograd.grad(loss, [xs, *ss, *module.parameters()])
+        return [t.detach() for t in tensors] + list(grads)
+
+    ref64 = results(ref, torch.float64, False)
+    plain = results(ref, torch.float32, False)
+    got = results(ours, torch.float32, True)
+    for i, (a, r, p) in enumerate(zip(got, ref64, plain)):
+        assert_close_to_reference(a, r, p, f"result {i}")

@@ -192,7 +192,8 @@ def run_module(cell, module, x, state, lengths, packed, backend):
             out, state = ours(x, state, lengths=lengths)
     finally:
         setattr(PA, layer_fn, original)
-    assert calls == [{"backend": backend}] * 2, "the module did not run on the persistent kernels"
+    launches = 1 if backend == "triton" else 2  # Triton runs both directions in one launch
+    assert calls == [{"backend": backend}] * launches, "the module did not run on the persistent kernels"
     return out, state
 
 

@@ -2,7 +2,8 @@
 runs inside one kernel and each program owns a block of 16 batch rows for the whole sequence,
 with every gate's W_hh block held on chip from the first step to the last. A program computes
 all hidden units of its rows, so the state never leaves it between steps: no grid barrier, no
-exchange through memory, one launch per layer direction instead of one (or three) per step.
+exchange through memory, one launch per layer instead of one (or three) per step: the grid's
+second axis is the direction, so both directions of a bidirectional layer run at once.
 
 Same layout, arguments and outputs as the CUDA persistent kernels (fused_s2s._C
 `persistent_{gru,lstm}_{fwd,bwd}`, documented in csrc/cuda/persistent_rnn.h), so the autograd
@@ -15,7 +16,7 @@ every step (what the per-step path stores), c and the carried gradients stay flo
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -70,12 +71,32 @@ def _program_tile(len_ptr, T, B, H, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.const
 
 
 @triton.jit
+def _direction(REVERSE):
+    """(d, whether direction d runs last step first): program axis 1 is the direction, and the
+    second one of a bidirectional pair runs opposite to the first (REVERSE: the first's)."""
+    d = tl.program_id(1).to(tl.int64)
+    return d, (d + REVERSE) % 2 == 1
+
+
+@triton.jit
 def _forward_kernel(gx_ptr, h0_ptr, c0_ptr, w_ptr, b_ptr, len_ptr, out_ptr, h_n_ptr, c_n_ptr, saved_ptr, c_seq_ptr,
-                    T, B, H, IS_LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    T, B, H, REVERSE, IS_LSTM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     G: tl.constexpr = 4 if IS_LSTM else 3
     rows, cols, ok, state, lens = _program_tile(len_ptr, T, B, H, HAS_LENGTHS, BLOCK_B, BLOCK_H)
+    # the direction (program axis 1): its own slice of every per-direction tensor
+    d, rev = _direction(REVERSE)
+    gx_ptr += d * T * B * G * H
+    w_ptr += d * G * H * H
+    b_ptr += d * G * H
+    h0_ptr += d * B * H
+    c0_ptr += d * B * H
+    h_n_ptr += d * B * H
+    c_n_ptr += d * B * H
+    out_ptr += d * T * B * H
+    c_seq_ptr += d * T * B * H
+    saved_ptr += d * T * B * 4 * H
     col_ok = cols < H
     dt = out_ptr.dtype.element_ty
     w0, w1, w2, w3 = _gate_blocks(w_ptr, H, cols, IS_LSTM, True)  # on chip for the whole sequence
@@ -92,7 +113,7 @@ def _forward_kernel(gx_ptr, h0_ptr, c0_ptr, w_ptr, b_ptr, len_ptr, out_ptr, h_n_
     if IS_LSTM:
         c = tl.load(c0_ptr + state, mask=ok, other=0.0).to(tl.float32)
     for s in range(0, T):
-        t = T - 1 - s if REVERSE else s
+        t = tl.where(rev, T - 1 - s, s)
         active = ok & (t < lens)[:, None]
         hq = h.to(dt)
         gx = gx_ptr + (t * B + rows)[:, None] * (G * H) + cols[None, :]
@@ -130,12 +151,26 @@ def _forward_kernel(gx_ptr, h0_ptr, c0_ptr, w_ptr, b_ptr, len_ptr, out_ptr, h_n_
 
 @triton.jit
 def _backward_kernel(grad_out_ptr, grad_h_n_ptr, grad_c_n_ptr, out_ptr, h0_ptr, c0_ptr, c_seq_ptr, saved_ptr,
-                     w_ptr, len_ptr, grad_gx_ptr, grad_gh_ptr, grad_h0_ptr, grad_c0_ptr, T, B, H,
-                     IS_LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                     w_ptr, len_ptr, grad_gx_ptr, grad_gh_ptr, grad_h0_ptr, grad_c0_ptr, T, B, H, REVERSE,
+                     IS_LSTM: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                      HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr, HAS_GRAD_C_N: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     G: tl.constexpr = 4 if IS_LSTM else 3
     rows, cols, ok, state, lens = _program_tile(len_ptr, T, B, H, HAS_LENGTHS, BLOCK_B, BLOCK_H)
+    d, rev = _direction(REVERSE)
+    grad_out_ptr += d * T * B * H
+    out_ptr += d * T * B * H
+    c_seq_ptr += d * T * B * H
+    saved_ptr += d * T * B * 4 * H
+    w_ptr += d * G * H * H
+    grad_gx_ptr += d * T * B * G * H
+    grad_gh_ptr += d * T * B * G * H
+    grad_h_n_ptr += d * B * H
+    grad_c_n_ptr += d * B * H
+    h0_ptr += d * B * H
+    c0_ptr += d * B * H
+    grad_h0_ptr += d * B * H
+    grad_c0_ptr += d * B * H
     dt = grad_gx_ptr.dtype.element_ty
     w0, w1, w2, w3 = _gate_blocks(w_ptr, H, cols, IS_LSTM, False)  # dh_prev = sum of dgh_gate @ W_gate
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -145,11 +180,11 @@ def _backward_kernel(grad_out_ptr, grad_h_n_ptr, grad_c_n_ptr, out_ptr, h0_ptr, 
     if HAS_GRAD_C_N:
         dc = tl.load(grad_c_n_ptr + state, mask=ok, other=0.0).to(tl.float32)
     for s in range(0, T):
-        t = s if REVERSE else T - 1 - s  # the forward's steps, last first
+        t = tl.where(rev, s, T - 1 - s)  # the forward's steps, last first
         active = ok & (t < lens)[:, None]
         # the step before t in the forward's order, or the initial state at a row's first step
-        t_prev = t + 1 if REVERSE else t - 1
-        first = (t == lens - 1)[:, None] if REVERSE else (zero == zero) & (t == 0)
+        t_prev = tl.where(rev, t + 1, t - 1)
+        first = tl.where(rev, t == lens - 1, t == 0)[:, None]
         from_seq = active & ~first
         g = dh
         if HAS_GRAD_OUT:
@@ -202,31 +237,51 @@ def _backward_kernel(grad_out_ptr, grad_h_n_ptr, grad_c_n_ptr, out_ptr, h0_ptr, 
 
 
 # --------------------------------------------------------------------------------- launchers
+# Every per-direction tensor may carry a leading direction dimension D (2: both directions of a
+# bidirectional layer in one launch, the second running opposite to `reverse`); lengths are
+# shared. Without it, D = 1.
 
 
-def _check_layer(op: str, first: torch.Tensor, first_name: str, seq: torch.Tensor, seq_name: str, seq_width: int,
-                 w_hh: torch.Tensor, gates: int, lengths: Optional[torch.Tensor]) -> Tuple[int, int, int]:
-    """The checks every launcher makes; returns (T, B, H)."""
-    check(first_name, first, (None, None))
-    B, H = first.shape
-    if first.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{op}: {first_name} must be float32/float16/bfloat16, got {first.dtype}")
-    reason = persistent_reason(first.device, first.dtype, H)
-    if reason is not None:
-        raise ValueError(f"{op}: {reason}")
-    check(seq_name, seq, (None, B, seq_width * H), first.dtype, first.device)
-    check("w_hh", w_hh, (gates * H, H), first.dtype, first.device)
-    if lengths is not None:
-        check("lengths", lengths, (B,), torch.int64, first.device)
-    return seq.shape[0], B, H
+class _Layer:
+    """The checks every launcher makes, and the sizes: D, T, B, H and `lead` ((D,) or ())."""
 
+    def __init__(self, op: str, first: torch.Tensor, first_name: str, seq: torch.Tensor, seq_name: str,
+                 seq_width: int, w_hh: torch.Tensor, gates: int, lengths: Optional[torch.Tensor]) -> None:
+        if not isinstance(first, torch.Tensor) or first.dim() not in (2, 3):
+            raise ValueError(f"{op}: {first_name} must be a (B, H) or (D, B, H) tensor, got "
+                             f"{getattr(first, 'shape', type(first).__name__)}")
+        self.lead = tuple(first.shape[:-2])
+        self.D = self.lead[0] if self.lead else 1
+        self.B, self.H = first.shape[-2:]
+        if self.D not in (1, 2):
+            raise ValueError(f"{op}: the direction dimension of {first_name} must be 1 or 2, got {self.D}")
+        if first.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{op}: {first_name} must be float32/float16/bfloat16, got {first.dtype}")
+        reason = persistent_reason(first.device, first.dtype, self.H)
+        if reason is not None:
+            raise ValueError(f"{op}: {reason}")
+        self.like = first
+        self.check(first_name, first, self.B, self.H)
+        self.T = seq.shape[-3] if isinstance(seq, torch.Tensor) and seq.dim() == len(self.lead) + 3 else -1
+        self.check(seq_name, seq, self.T, self.B, seq_width * self.H)
+        self.check("w_hh", w_hh, gates * self.H, self.H)
+        if lengths is not None:
+            check("lengths", lengths, (self.B,), torch.int64, first.device)
 
-def _launch(kernel, T: int, B: int, H: int, *args, **meta) -> None:
-    if T == 0 or B == 0:
-        return
-    BLOCK_H = block(H)
-    kernel[(triton.cdiv(B, BLOCK_B),)](*args, T, B, H, **meta, PRECISION=dot_precision(), BLOCK_B=BLOCK_B,
-                                       BLOCK_H=BLOCK_H, num_warps=4 if BLOCK_H <= 32 else 8)
+    def check(self, name: str, t: torch.Tensor, *shape: int) -> None:
+        """t: a per-direction tensor of `shape`, in the layer's dtype and on its device."""
+        check(name, t, self.lead + tuple(None if n < 0 else n for n in shape), self.like.dtype, self.like.device)
+
+    def empty(self, *shape: int) -> torch.Tensor:
+        return self.like.new_empty(self.lead + shape)
+
+    def launch(self, kernel, *args, reverse: bool, **meta) -> None:
+        if self.T == 0 or self.B == 0:
+            return
+        block_h = block(self.H)
+        kernel[(triton.cdiv(self.B, BLOCK_B), self.D)](
+            *args, self.T, self.B, self.H, int(bool(reverse)), **meta, PRECISION=dot_precision(), BLOCK_B=BLOCK_B,
+            BLOCK_H=block_h, num_warps=4 if block_h <= 32 else 8)
 
 
 def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
@@ -237,60 +292,60 @@ def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
 def persistent_gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, *knobs):
     """-> (out (T,B,H), h_n (B,H), saved (T,B,4H) or None). `knobs` (the CUDA kernels' tiling
     knobs) are accepted and unused."""
-    T, B, H = _check_layer("persistent_gru_fwd", h0, "h0", gx, "gx", 3, w_hh, 3, lengths)
+    L = _Layer("persistent_gru_fwd", h0, "h0", gx, "gx", 3, w_hh, 3, lengths)
     if b_hh is not None:
-        check("b_hh", b_hh, (3 * H,), h0.dtype, h0.device)
-    out, h_n = h0.new_empty(T, B, H), h0.clone()
-    saved = h0.new_empty(T, B, 4 * H) if save else None
-    _launch(_forward_kernel, T, B, H, gx, h0, h0, w_hh, _or(b_hh, w_hh), _or(lengths, h0), out, h_n, h_n,
-            _or(saved, out), out, IS_LSTM=False, REVERSE=bool(reverse), HAS_BIAS=b_hh is not None,
-            HAS_LENGTHS=lengths is not None, SAVE=bool(save))
+        L.check("b_hh", b_hh, 3 * L.H)
+    out, h_n = L.empty(L.T, L.B, L.H), h0.clone()
+    saved = L.empty(L.T, L.B, 4 * L.H) if save else None
+    L.launch(_forward_kernel, gx, h0, h0, w_hh, _or(b_hh, w_hh), _or(lengths, h0), out, h_n, h_n, _or(saved, out),
+             out, reverse=reverse, IS_LSTM=False, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
+             SAVE=bool(save))
     return out, h_n, saved
 
 
 def persistent_lstm_fwd(gx, h0, c0, w_hh, b_hh, lengths, reverse: bool, save: bool, *knobs):
     """-> (out, h_n, c_n, saved (T,B,4H) or None, c_seq (T,B,H) or None)."""
-    T, B, H = _check_layer("persistent_lstm_fwd", h0, "h0", gx, "gx", 4, w_hh, 4, lengths)
-    check("c0", c0, (B, H), h0.dtype, h0.device)
+    L = _Layer("persistent_lstm_fwd", h0, "h0", gx, "gx", 4, w_hh, 4, lengths)
+    L.check("c0", c0, L.B, L.H)
     if b_hh is not None:
-        check("b_hh", b_hh, (4 * H,), h0.dtype, h0.device)
-    out, h_n, c_n = h0.new_empty(T, B, H), h0.clone(), c0.clone()
-    saved, c_seq = (h0.new_empty(T, B, 4 * H), h0.new_empty(T, B, H)) if save else (None, None)
-    _launch(_forward_kernel, T, B, H, gx, h0, c0, w_hh, _or(b_hh, w_hh), _or(lengths, h0), out, h_n, c_n,
-            _or(saved, out), _or(c_seq, out), IS_LSTM=True, REVERSE=bool(reverse), HAS_BIAS=b_hh is not None,
-            HAS_LENGTHS=lengths is not None, SAVE=bool(save))
+        L.check("b_hh", b_hh, 4 * L.H)
+    out, h_n, c_n = L.empty(L.T, L.B, L.H), h0.clone(), c0.clone()
+    saved, c_seq = (L.empty(L.T, L.B, 4 * L.H), L.empty(L.T, L.B, L.H)) if save else (None, None)
+    L.launch(_forward_kernel, gx, h0, c0, w_hh, _or(b_hh, w_hh), _or(lengths, h0), out, h_n, c_n, _or(saved, out),
+             _or(c_seq, out), reverse=reverse, IS_LSTM=True, HAS_BIAS=b_hh is not None,
+             HAS_LENGTHS=lengths is not None, SAVE=bool(save))
     return out, h_n, c_n, saved, c_seq
 
 
 def persistent_gru_bwd(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse: bool, *knobs):
     """-> (grad_gx (T,B,3H), grad_gh (T,B,3H), grad_h0 (B,H)); a missing gradient is zero."""
-    T, B, H = _check_layer("persistent_gru_bwd", h0, "h0", out, "out", 1, w_hh, 3, lengths)
-    check("saved", saved, (T, B, 4 * H), h0.dtype, h0.device)
-    for name, t, shape in (("grad_out", grad_out, (T, B, H)), ("grad_h_n", grad_h_n, (B, H))):
+    L = _Layer("persistent_gru_bwd", h0, "h0", out, "out", 1, w_hh, 3, lengths)
+    L.check("saved", saved, L.T, L.B, 4 * L.H)
+    for name, t, shape in (("grad_out", grad_out, (L.T, L.B, L.H)), ("grad_h_n", grad_h_n, (L.B, L.H))):
         if t is not None:
-            check(name, t, shape, h0.dtype, h0.device)
-    grad_gx, grad_gh = h0.new_empty(T, B, 3 * H), h0.new_empty(T, B, 3 * H)
-    grad_h0 = h0.new_zeros(B, H) if grad_h_n is None else grad_h_n.clone()
-    _launch(_backward_kernel, T, B, H, _or(grad_out, out), _or(grad_h_n, h0), h0, out, h0, h0, out, saved, w_hh,
-            _or(lengths, h0), grad_gx, grad_gh, grad_h0, grad_h0, IS_LSTM=False, REVERSE=bool(reverse),
-            HAS_LENGTHS=lengths is not None, HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_H_N=grad_h_n is not None,
-            HAS_GRAD_C_N=False)
+            L.check(name, t, *shape)
+    grad_gx, grad_gh = L.empty(L.T, L.B, 3 * L.H), L.empty(L.T, L.B, 3 * L.H)
+    grad_h0 = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.clone()
+    L.launch(_backward_kernel, _or(grad_out, out), _or(grad_h_n, h0), h0, out, h0, h0, out, saved, w_hh,
+             _or(lengths, h0), grad_gx, grad_gh, grad_h0, grad_h0, reverse=reverse, IS_LSTM=False,
+             HAS_LENGTHS=lengths is not None, HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_H_N=grad_h_n is not None,
+             HAS_GRAD_C_N=False)
     return grad_gx, grad_gh, grad_h0
 
 
 def persistent_lstm_bwd(grad_out, grad_h_n, grad_c_n, c0, c_seq, saved, w_hh, lengths, reverse: bool, *knobs):
     """-> (grad_gates (T,B,4H), grad_h0, grad_c0 (B,H)); a missing gradient is zero."""
-    T, B, H = _check_layer("persistent_lstm_bwd", c0, "c0", c_seq, "c_seq", 1, w_hh, 4, lengths)
-    check("saved", saved, (T, B, 4 * H), c0.dtype, c0.device)
-    for name, t, shape in (("grad_out", grad_out, (T, B, H)), ("grad_h_n", grad_h_n, (B, H)),
-                           ("grad_c_n", grad_c_n, (B, H))):
+    L = _Layer("persistent_lstm_bwd", c0, "c0", c_seq, "c_seq", 1, w_hh, 4, lengths)
+    L.check("saved", saved, L.T, L.B, 4 * L.H)
+    for name, t, shape in (("grad_out", grad_out, (L.T, L.B, L.H)), ("grad_h_n", grad_h_n, (L.B, L.H)),
+                           ("grad_c_n", grad_c_n, (L.B, L.H))):
         if t is not None:
-            check(name, t, shape, c0.dtype, c0.device)
-    grad_gates = c0.new_empty(T, B, 4 * H)
-    grad_h0 = c0.new_zeros(B, H) if grad_h_n is None else grad_h_n.clone()
-    grad_c0 = c0.new_zeros(B, H) if grad_c_n is None else grad_c_n.clone()
-    _launch(_backward_kernel, T, B, H, _or(grad_out, c_seq), _or(grad_h_n, c0), _or(grad_c_n, c0), c_seq, c0, c0,
-            c_seq, saved, w_hh, _or(lengths, c0), grad_gates, grad_gates, grad_h0, grad_c0, IS_LSTM=True,
-            REVERSE=bool(reverse), HAS_LENGTHS=lengths is not None, HAS_GRAD_OUT=grad_out is not None,
-            HAS_GRAD_H_N=grad_h_n is not None, HAS_GRAD_C_N=grad_c_n is not None)
+            L.check(name, t, *shape)
+    grad_gates = L.empty(L.T, L.B, 4 * L.H)
+    grad_h0 = torch.zeros_like(c0) if grad_h_n is None else grad_h_n.clone()
+    grad_c0 = torch.zeros_like(c0) if grad_c_n is None else grad_c_n.clone()
+    L.launch(_backward_kernel, _or(grad_out, c_seq), _or(grad_h_n, c0), _or(grad_c_n, c0), c_seq, c0, c0, c_seq,
+             saved, w_hh, _or(lengths, c0), grad_gates, grad_gates, grad_h0, grad_c0, reverse=reverse, IS_LSTM=True,
+             HAS_LENGTHS=lengths is not None, HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_H_N=grad_h_n is not None,
+             HAS_GRAD_C_N=grad_c_n is not None)
     return grad_gates, grad_h0, grad_c0
