@@ -43,6 +43,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             sequence_loss(model(part.src, part.src_lengths, part.tgt_in), part.tgt_out).backward()
             torch.save({name: p.grad for name, p in model.module.named_parameters()},
                        os.path.join(out_dir, f"{cell}-{attention}-rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears down (rank 0 hosts the store)
     finally:
         dist.destroy_process_group()
 
