@@ -212,7 +212,7 @@ def test_attention_kv_batch_idx_shares_keys():
     torch.testing.assert_close(w, ref_w)
 
 
-def _padded_with_lengths(module, x, state, lengths, batch_first):
+def _padded_with_lengths(module, x, state, lengths):
     """Our module on padded input with `lengths=`, its loss-ready tensors."""
     return _flatten(module(x, state, lengths=lengths))
 
@@ -243,7 +243,7 @@ def test_lengths_give_the_results_of_packing(backend, device, dtype, mode, batch
     h0 = torch.randn(4, B, 5, dtype=torch.float64)
     state = h0 if mode == "GRU" else (h0, torch.randn_like(h0))
     expected = _packed_then_padded(ref, x, state, lengths, batch_first)
-    got = _padded_with_lengths(ours, x_nan.requires_grad_(), state, lengths, batch_first)
+    got = _padded_with_lengths(ours, x_nan.requires_grad_(), state, lengths)
     for a, b in zip(expected, got):
         torch.testing.assert_close(b, a)
     params = list(ref.parameters())
@@ -314,7 +314,7 @@ def test_route_to_whole_sequence_kernels(monkeypatch, mode, layout):
         assert calls == [None] * 4  # 2 layers x 2 directions
     elif layout == "lengths":
         expected = _packed_then_padded(ref, x, state, lengths, False)
-        for a, b in zip(expected, _padded_with_lengths(ours, x, state, lengths, False)):
+        for a, b in zip(expected, _padded_with_lengths(ours, x, state, lengths)):
             torch.testing.assert_close(b, a)
         assert calls == [[2, 6, 5]] * 4
     else:
