@@ -1,9 +1,10 @@
 """Persistent whole-sequence GRU/LSTM layers for small hidden sizes (H <= 64): the time loop
 runs inside one kernel and each program owns a block of 16 batch rows for the whole sequence,
 with every gate's W_hh block held on chip from the first step to the last. A program computes
-all hidden units of its rows, so the state never leaves it between steps: no grid barrier, no
-exchange through memory, one launch per layer instead of one (or three) per step: the grid's
-second axis is the direction, so both directions of a bidirectional layer run at once.
+all hidden units of its rows, so the state never leaves it between steps: no grid barrier and
+no exchange through memory. One launch runs a whole layer instead of one (or three) per step;
+the grid's second axis is the direction, so both directions of a bidirectional layer run at
+once (tensors stacked along a leading direction dimension, see the launchers).
 
 Same layout, arguments and outputs as the CUDA persistent kernels (fused_s2s._C
 `persistent_{gru,lstm}_{fwd,bwd}`, documented in csrc/cuda/persistent_rnn.h), so the autograd
