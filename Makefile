@@ -7,6 +7,8 @@ TORCH ?= torch==2.14.1
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.fused_s2s-deps
 BUILD_STAMP := build/.fused_s2s-installed
+# a step's wall time, printed when it ends (pip runs --quiet: a build says nothing for a minute)
+TIMED = start=$$(date +%s); $(1) && echo "fused_s2s: done in $$(( $$(date +%s) - start )) s"
 
 .PHONY: demo test install
 
@@ -18,13 +20,18 @@ test: $(BUILD_STAMP)
 
 install: $(BUILD_STAMP)
 
-$(DEPS_STAMP):
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet "$(TORCH)" ninja pybind11
+# Makefile as a prerequisite: an existing environment gets what a changed list here adds.
+# numpy before the build: torch warns while building without it.
+$(DEPS_STAMP): Makefile
+	@echo "fused_s2s: setting up $(VENV) with $(TORCH) (about a minute from a local wheel cache, longer when downloading)..."
+	@$(call TIMED,$(PYTHON) -m venv $(VENV) && \
+	  $(PY) -m pip install --quiet --upgrade pip setuptools wheel && \
+	  $(PY) -m pip install --quiet "$(TORCH)" numpy ninja pybind11)
 	touch $@
 
 # --no-build-isolation: the extension must compile against the torch installed above.
 $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h csrc/include/*/*.h)
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,demo]'
+	@echo "fused_s2s: installing the package and compiling its C++ extension (about a minute on 2 cores;" \
+	  "the CUDA kernels, built when a GPU is visible or FUSED_S2S_CUDA=1, take several minutes more)..."
+	@$(call TIMED,$(PY) -m pip install --quiet --no-build-isolation -e '.[test]')
 	mkdir -p build && touch $@

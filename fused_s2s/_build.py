@@ -9,8 +9,8 @@ Environment:
   FUSED_S2S_NO_EXTENSION=1   no extension at all (setup.py skips it; load_extension() refuses)
   FUSED_S2S_CUDA=0 / =1      never / always compile the CUDA kernels (=1 works without a GPU, as
                              CI does, and makes a failed build an error at install time); unset:
-                             setup.py builds them when torch has CUDA and nvcc is found, the
-                             first-use build when additionally a GPU is visible
+                             compiled when a GPU is visible (and torch has CUDA, and the toolkit
+                             is found), so a machine without one builds only what it can run
   TORCH_CUDA_ARCH_LIST       GPU architectures (default: "8.0;9.0" plus the visible GPUs'; the
                              first-use build: the visible GPUs' only)
   MAX_JOBS                   parallel compile jobs (read by torch's ninja build)
@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from types import ModuleType
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -130,16 +131,23 @@ def cuda_home() -> Optional[str]:
     return _cuda_home_cache["home"]
 
 
-def _cpp_extension() -> ModuleType:
-    """torch.utils.cpp_extension, told where the CUDA toolkit is (it reads CUDA_HOME once, at
-    import, and guesses wrong when nvcc on PATH is a wrapper outside the toolkit)."""
-    import torch
+def _cpp_extension(with_cuda: bool) -> ModuleType:
+    """torch.utils.cpp_extension, told where the CUDA toolkit is when the CUDA kernels are built
+    (it reads CUDA_HOME once, at import, and guesses wrong when nvcc on PATH is a wrapper outside
+    the toolkit)."""
+    import logging
 
-    home = cuda_home() if torch.version.cuda else None
+    home = cuda_home() if with_cuda else None
     if home is not None:
         os.environ["CUDA_HOME"] = home
-    from torch.utils import cpp_extension
-
+    # On import it logs "No CUDA runtime is found" on every machine without a GPU: not news here.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
     if home is not None:
         cpp_extension.CUDA_HOME = home
     return cpp_extension
@@ -174,26 +182,24 @@ def default_arch_list(for_first_use: bool) -> str:
     return ";".join(archs + [a for a in dict.fromkeys(visible) if a not in archs])
 
 
-def plan_cuda(for_first_use: bool) -> Tuple[bool, str]:
+def plan_cuda() -> Tuple[bool, str]:
     """(build the CUDA kernels?, why). Raises RuntimeError when FUSED_S2S_CUDA=1 cannot be met."""
     import torch
 
     forced = _env_flag("FUSED_S2S_CUDA")
     if forced is False:
         return False, "FUSED_S2S_CUDA=0"
-    problems = []
     if not torch.version.cuda:
-        problems.append(f"torch {torch.__version__} has no CUDA")
-    home = cuda_home()
-    if home is None:
-        problems.append("nvcc (the CUDA toolkit) was not found: set CUDA_HOME or put nvcc on PATH")
-    if forced and problems:
-        raise RuntimeError("FUSED_S2S_CUDA=1 but " + "; ".join(problems))
-    if problems:
-        return False, "; ".join(problems)
-    if not forced and for_first_use and not torch.cuda.is_available():
-        return False, "no GPU visible"
-    return True, f"CUDA toolkit at {home}"
+        problem = f"torch {torch.__version__} has no CUDA"
+    elif not forced and not torch.cuda.is_available():
+        return False, "no GPU visible; FUSED_S2S_CUDA=1 compiles them anyway"
+    elif cuda_home() is None:
+        problem = "nvcc (the CUDA toolkit) was not found: set CUDA_HOME or put nvcc on PATH"
+    else:
+        return True, f"CUDA toolkit at {cuda_home()}"
+    if forced:
+        raise RuntimeError("FUSED_S2S_CUDA=1 but " + problem)
+    return False, problem
 
 
 # ----------------------------------------------------------------------------------- flags
@@ -240,6 +246,11 @@ def _arch_list_env(for_first_use: bool) -> Iterator[None]:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
 
 
+def build_time(with_cuda: bool) -> str:
+    """What a build costs, to say before one starts (measured with MAX_JOBS=2 on 2 CPU cores)."""
+    return "several minutes: the CUDA kernels too" if with_cuda else "about a minute on 2 cores"
+
+
 # ------------------------------------------------------------------------------- setup.py
 
 
@@ -274,11 +285,12 @@ def setup_kwargs() -> Dict[str, object]:
     if csrc is None:
         return skip("csrc/ not found")
     try:
-        cpp_extension = _cpp_extension()
+        import torch  # noqa: F401
     except ImportError as e:
         return skip(f"torch is not importable: {e}; install with --no-build-isolation")
-    with_cuda, why = plan_cuda(for_first_use=False)
-    print(f"fused_s2s: building the C++ extension, CUDA kernels: "
+    with_cuda, why = plan_cuda()
+    cpp_extension = _cpp_extension(with_cuda)
+    print(f"fused_s2s: building the C++ extension ({build_time(with_cuda)}), CUDA kernels: "
           f"{'yes' if with_cuda else 'no'} ({why})", file=sys.stderr)
     opts = build_options(os.path.relpath(csrc), with_cuda)
     extension_class = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
@@ -331,22 +343,28 @@ def _jit_build() -> ModuleType:
     if csrc is None:
         raise RuntimeError("fused_s2s._C is not installed and the C++ sources (csrc/) are not "
                            "available to build it")
-    cpp_extension = _cpp_extension()
+    with_cuda, _ = plan_cuda()
+    cpp_extension = _cpp_extension(with_cuda)
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("fused_s2s._C is not installed and ninja (needed to build it) is missing")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"fused_s2s._C is not installed and no C++ compiler ({compiler}) was found")
-    with_cuda, _ = plan_cuda(for_first_use=True)
     opts = build_options(csrc, with_cuda)
     name = "fused_s2s_C_cuda" if with_cuda else "fused_s2s_C_cpu"
     build_root = os.environ.get("FUSED_S2S_BUILD_DIR")
-    build_directory = os.path.join(build_root, name) if build_root else None
-    if build_directory:
+    if build_root:
+        build_directory = os.path.join(build_root, name)
         os.makedirs(build_directory, exist_ok=True)
+    else:
+        build_directory = cpp_extension._get_build_directory(name, verbose=False)  # torch's default
     verbose = bool(_env_flag("FUSED_S2S_VERBOSE_BUILD"))
-    print(f"fused_s2s: loading the C++ extension{' with CUDA kernels' if with_cuda else ''} "
-          f"(compiled on first use, then cached)...", file=sys.stderr, flush=True)
+    compiles = _needs_compile(build_directory, name)
+    if compiles:
+        print(f"fused_s2s: compiling the C++ extension{' with CUDA kernels' if with_cuda else ''} "
+              f"on first use ({build_time(with_cuda)}; cached afterwards in {build_directory})...",
+              file=sys.stderr, flush=True)
+    start = time.perf_counter()
     with _arch_list_env(for_first_use=True):
         try:
             module = cpp_extension.load(
@@ -362,7 +380,21 @@ def _jit_build() -> ModuleType:
             )
         except Exception as e:  # noqa: BLE001 - compiler, linker or import failure
             raise RuntimeError(f"building fused_s2s._C failed: {_first_error_line(str(e))}") from e
+    if compiles:
+        print(f"fused_s2s: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return module
+
+
+def _needs_compile(build_directory: str, name: str) -> bool:
+    """Whether torch's `load` is about to compile: no library built yet, or ninja, asked for a
+    dry run of the last build, finds a source newer than its output."""
+    if not os.path.isfile(os.path.join(build_directory, name + ".so")):
+        return True
+    try:
+        out = subprocess.run(["ninja", "-n", "-C", build_directory], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return out.returncode != 0 or "no work to do" not in out.stdout
 
 
 def load_extension() -> ModuleType:

@@ -147,7 +147,17 @@ def unsupported_reason(name: str, op: str, device: torch.device, dtype: torch.dt
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel for the first caller outside fused_s2s and torch: the warning
+    names the user's line that ran the op, not a line of ours."""
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1  # level 1: our caller, _warn_once
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # The kernels index with 32-bit offsets inside a tensor (cheaper address arithmetic); a call
@@ -195,10 +205,11 @@ def available() -> Dict[str, Optional[str]]:
 
 def describe() -> str:
     """Human-readable report for `python -m fused_s2s info`."""
-    lines = [f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"]
-    if torch.cuda.is_available():
-        lines.append(f"device: {torch.cuda.get_device_name()}")
-    lines.append(f"default backend: {get_backend()}")
+    gpu = torch.cuda.is_available()
+    lines = [f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name() if gpu else 'none visible'}",
+             f"default backend: {get_backend()}",
+             "cpu/cuda below: whether the backend has kernels for that device's tensors"
+             + ("" if gpu else " (with no device here, nothing runs on CUDA)")]
     for name, reason in available().items():
         if reason is not None:
             lines.append(f"  {name:7s} unavailable: {reason}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 AMP = {"off": None, "bf16": "bfloat16", "fp16": "float16"}  # --amp -> torch dtype name (torch loads lazily)
@@ -51,8 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="CPU threads for torch (default: 1 on CPU, where these small matrices "
                            "gain nothing from more; torch's default otherwise)")
     demo.add_argument("--out", default="fused_s2s_demo",
-                      help="folder for the checkpoint and the heat-map (default: ./fused_s2s_demo)")
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+                      help="folder for the checkpoint model.pt and the heat-map attention.png, replacing "
+                           "an earlier run's (default: ./fused_s2s_demo)")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="hide the progress bars (shown only when stderr is a terminal)")
 
     sub.add_parser("info", help="print which backends are available here and why not")
 
@@ -73,10 +76,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from .backends import BackendUnavailable
     try:
-        return run_demo(args)
+        with warnings.catch_warnings():
+            # the program is ours: a warning is one line, not the file and line of our code
+            warnings.showwarning = _one_line_warning
+            return run_demo(args)
     except BackendUnavailable as error:
         sys.stderr.write(f"fused-s2s demo: {error}\n")
         return 2
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    (file or sys.stderr).write(f"{category.__name__}: {message}\n")
 
 
 def run_bench(argv: List[str]) -> int:
@@ -121,22 +131,29 @@ def save_heatmap(path: str, weights, source: str, output: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     src_labels, out_labels = list(source) + ["</s>"], list(output) + ["</s>"]
-    fig, ax = plt.subplots(figsize=(0.35 * len(src_labels) + 1.5, 0.35 * len(out_labels) + 1.2))
-    ax.imshow(weights[: len(out_labels), : len(src_labels)], cmap="viridis", vmin=0.0, vmax=1.0)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(src_labels) + 2.5), 0.3 * len(out_labels) + 1.8))
+    image = ax.imshow(weights[: len(out_labels), : len(src_labels)], cmap="viridis", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, cax=make_axes_locatable(ax).append_axes("right", size=0.15, pad=0.1),
+                 label="attention weight")  # a bar as tall as the picture
     ax.set_xticks(range(len(src_labels)), [c if c != " " else "␣" for c in src_labels], fontsize=8)
     ax.set_yticks(range(len(out_labels)), out_labels, fontsize=8)
-    ax.set_xlabel("source")
-    ax.set_ylabel("output")
-    ax.set_title(f"{source!r} -> {output!r}", fontsize=9)
+    ax.set_xlabel("source character")
+    ax.set_ylabel("output character")
+    ax.set_title(f"greedy decoding's attention\nsource: {source}\noutput: {output}", fontsize=9, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-
+    try:
+        import matplotlib  # noqa: F401 - the heat-map is drawn last: fail now, not after training
+    except ImportError as error:
+        raise SystemExit(f"fused-s2s demo: matplotlib, which draws the attention heat-map, does not "
+                         f"import ({error}): pip install matplotlib") from None
     import torch
 
     from . import backends
@@ -165,6 +182,12 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{f' x {world} processes' if world > 1 else ''}{f', mixed precision {args.amp}' if AMP[args.amp] else ''}; kernels: "
         + ", ".join(f"{op} -> {name}" for op, name in kernels.items()))
 
+    checkpoint, heatmap = os.path.join(args.out, "model.pt"), os.path.join(args.out, "attention.png")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    earlier = [p for p in (checkpoint, heatmap) if os.path.exists(p)]
+    say(f"outputs: {checkpoint}, {heatmap}" + ("; an earlier run's there are replaced" if earlier else ""))
+
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -186,8 +209,6 @@ def run_demo(args: argparse.Namespace) -> int:
         say(f"held-out exact match, beam {args.beam_size}: {beam.accuracy:.1%} "
             f"({beam.tokens_per_second:,.0f} tokens/s decode)")
 
-    os.makedirs(args.out, exist_ok=True)
-    checkpoint = os.path.join(args.out, "model.pt")
     save_checkpoint(checkpoint, model, src_vocab, tgt_vocab, accuracy=greedy.accuracy, steps=args.steps)
     shown = test_pairs[:6]
     reloaded = load_checkpoint(checkpoint, device=device, backend=args.backend)
@@ -204,7 +225,6 @@ def run_demo(args: argparse.Namespace) -> int:
     model.eval()
     hyp = greedy_decode(model, src.to(device), lengths.to(device), return_attention=True)
     output = tgt_vocab.decode(hyp.tokens[0])
-    heatmap = os.path.join(args.out, "attention.png")
     save_heatmap(heatmap, hyp.attention[0].float().cpu().numpy(), source, output)
     say(f"attention heat-map: {heatmap}")
     if world > 1:

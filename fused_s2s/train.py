@@ -1,7 +1,7 @@
 """Training, evaluation and checkpoints.
 
 `train` runs AdamW with gradient clipping and a warm-up + cosine learning-rate schedule, showing
-a tqdm bar with the loss and tokens/s; `amp=torch.bfloat16` or `torch.float16` trains under
+a tqdm bar with the loss and tokens/s on stderr when it is a terminal (none in a log file); `amp=torch.bfloat16` or `torch.float16` trains under
 torch.autocast (float16 with a GradScaler). It takes the model as given, so a model wrapped in
 `torch.nn.parallel.DistributedDataParallel` trains the same way (each rank feeding its own
 batches). Checkpoints hold the model's weights and config and both vocabularies, and reload
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -43,6 +44,14 @@ def warmup_cosine(step: int, total: int, warmup: int, final: float = 0.1) -> flo
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _no_bar(progress: bool) -> bool:
+    """tqdm's `disable`. In a terminal tqdm redraws its bar in place; written to a file (CI, a
+    log) the redraws pile up into one long line: no bar there. (In a notebook tqdm.auto draws a
+    widget instead, whatever the streams are.)"""
+    in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+    return not progress or not (in_notebook or sys.stderr.isatty())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -71,7 +80,7 @@ def train(model: nn.Module, batches: Iterator[Batch], steps: int, lr: float = 3e
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     result = TrainResult()
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, disable=_no_bar(progress), dynamic_ncols=True)
     _sync(device)
     start = time.perf_counter()
     smoothed = None
@@ -125,7 +134,7 @@ def evaluate(model: Seq2Seq, pairs: Sequence[Pair], src_vocab: Vocab, tgt_vocab:
     _sync(device)
     start = time.perf_counter()
     try:
-        for batch in tqdm(batches(pairs, src_vocab, tgt_vocab, batch_size), desc="decode", disable=not progress,
+        for batch in tqdm(batches(pairs, src_vocab, tgt_vocab, batch_size), desc="decode", disable=_no_bar(progress),
                           total=math.ceil(len(pairs) / batch_size), leave=False):
             hyp = decode(model, batch.src.to(device), batch.src_lengths.to(device), beam_size, **decode_kwargs)
             tokens += int(hyp.lengths.sum())

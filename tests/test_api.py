@@ -52,6 +52,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
         for _ in range(3):
             out = FS.gru_cell(x, h, w_ih, w_hh, backend="auto")
     assert len(record) == 1
+    assert record[0].filename == __file__  # the caller's line, not a line inside fused_s2s
     torch.testing.assert_close(out, fused_s2s.reference.gru_cell(x, h, w_ih, w_hh))
 
 

@@ -71,18 +71,33 @@ def test_mixed_precision_training_converges(device, amp, backend, tmp_path, caps
     assert greedy >= ACCURACY_THRESHOLD, text
 
 
-def test_demo_luong_lstm_small_run(tmp_path, capsys):
+def _tiny_demo(tmp_path, *extra):
     threads = torch.get_num_threads()
     try:
-        code = cli.main(["demo", "--cell", "lstm", "--attention", "general", "--steps", "5", "--hidden-size", "16",
+        return cli.main(["demo", "--cell", "lstm", "--attention", "general", "--steps", "5", "--hidden-size", "16",
                          "--embedding-size", "8", "--layers", "2", "--train-size", "200", "--test-size", "20",
-                         "--beam-size", "2", "--backend", "torch", "--out", str(tmp_path), "--no-progress"])
+                         "--beam-size", "2", "--backend", "torch", "--out", str(tmp_path), *extra])
     finally:
         torch.set_num_threads(threads)
-    text = capsys.readouterr().out
-    assert code == 0, text
-    assert "LSTM encoder-decoder, general attention" in text and "lstm_cell -> torch, dot_attention -> torch" in text
+
+
+def test_demo_luong_lstm_small_run(tmp_path, capsys):
+    code = _tiny_demo(tmp_path)  # progress bars asked for, but stderr is not a terminal here
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "LSTM encoder-decoder, general attention" in out and "lstm_cell -> torch, dot_attention -> torch" in out
     assert (tmp_path / "attention.png").exists() and (tmp_path / "model.pt").exists()
+    assert f"outputs: {tmp_path / 'model.pt'}, {tmp_path / 'attention.png'}\n" in out
+    assert "it/s" not in err and "|" not in err, err  # no tqdm bar in a log
+    assert _tiny_demo(tmp_path, "--no-progress") == 0
+    assert "an earlier run's there are replaced" in capsys.readouterr().out
+
+
+def test_demo_without_matplotlib_stops_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # None: the import fails
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        _tiny_demo(tmp_path)
+    assert "train:" not in capsys.readouterr().out and not (tmp_path / "model.pt").exists()
 
 
 def test_demo_rejects_bad_options(capsys):

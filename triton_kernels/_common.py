@@ -110,7 +110,8 @@ def unsupported_reason(op: str, device: torch.device, dtype: torch.dtype) -> Opt
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     device = torch.device(device)
     if device.type == "cpu" and not INTERPRETED:
-        return "Triton runs CPU tensors only through its interpreter (TRITON_INTERPRET=1 set before import)"
+        return ("Triton runs CPU tensors only through its interpreter (TRITON_INTERPRET=1 set before import), "
+                "which is for tests: far too slow to train or run a model")
     if device.type not in ("cpu", "cuda"):
         return f"no Triton kernels for device type {device.type!r}"
     if dtype not in SUPPORTED_DTYPES:
