@@ -13,6 +13,9 @@ Timing
 - CUDA graphs (per-step rows, `--graphs`): `graph_steps` calls captured in one graph,
   replayed and timed with events; the time per call is the GPU time without launch cost.
 - CPU: time.perf_counter around each call, median.
+- Every measurement has at least MIN_REPS timed calls, and keeps its spread (interquartile range
+  / median): a row whose spread passes NOISY_SPREAD is flagged, its ratio not to be trusted (a
+  busy machine). Quartiles use the inclusive method: always within the samples' range.
 
 "fwd" runs under torch.no_grad() (inference: nothing saved for backward); "fwd+bwd" runs the
 forward and then torch.autograd.grad of the outputs (random output gradients) with respect
@@ -190,12 +193,27 @@ class Compiler:
 # --------------------------------------------------------------------------- timing
 
 
+MIN_REPS = 10          # timed calls per measurement, at least (also in --quick)
+NOISY_SPREAD = 0.20    # interquartile range / median above which a measurement is flagged noisy
+
+
 @dataclass
 class Timing:
     median_ms: float
-    p20_ms: float
-    p80_ms: float
+    q1_ms: float          # quartiles (inclusive method: never outside [min, max])
+    q3_ms: float
+    min_ms: float
+    max_ms: float
     reps: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range / median: the run-to-run noise of this measurement."""
+        return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+    def scaled(self, k: float) -> "Timing":
+        return Timing(self.median_ms * k, self.q1_ms * k, self.q3_ms * k, self.min_ms * k, self.max_ms * k,
+                      self.reps)
 
 
 @dataclass
@@ -203,16 +221,19 @@ class Settings:
     device: torch.device
     budget_ms: float = 100.0      # timed calls per measurement, in ms (do_bench's `rep`)
     warmup_ms: float = 25.0
-    min_reps: int = 10
+    min_reps: int = MIN_REPS
     max_reps: int = 2000
     graph_steps: int = 10
     rotate: bool = True
 
 
-def _summary(times: List[float]) -> Timing:
+def summary(times: Sequence[float]) -> Timing:
+    """Median, quartiles and range of per-call times (ms)."""
+    if not times:
+        raise ValueError("no times to summarise")
     times = sorted(times)
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return Timing(statistics.median(times), q[0], q[3], len(times))
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) >= 2 else times * 3
+    return Timing(statistics.median(times), q1, q3, times[0], times[-1], len(times))
 
 
 def _times(calls: Sequence[Callable[[], Any]], n: int, device: torch.device) -> List[float]:
@@ -240,7 +261,7 @@ def measure(calls: Sequence[Callable[[], Any]], s: Settings) -> Timing:
     est = max(est, 1e-4)
     _times(calls, int(min(200, max(1, s.warmup_ms / est))), s.device)
     n = int(min(s.max_reps, max(s.min_reps, s.budget_ms / est)))
-    return _summary(_times(calls, n, s.device))
+    return summary(_times(calls, n, s.device))
 
 
 def measure_graph(call: Callable[[], Any], s: Settings) -> Timing:
@@ -259,8 +280,7 @@ def measure_graph(call: Callable[[], Any], s: Settings) -> Timing:
         t = measure([graph.replay], s)
     finally:
         del graph
-    k = s.graph_steps
-    return Timing(t.median_ms / k, t.p20_ms / k, t.p80_ms / k, t.reps)
+    return t.scaled(1 / s.graph_steps)
 
 
 def peak_memory_bytes(call: Callable[[], Any], device: torch.device) -> Optional[int]:
@@ -316,9 +336,11 @@ def input_sets(case: Case, s: Settings) -> List[Dict[str, Any]]:
 class Result:
     impl: str
     ours: bool
-    ms: Optional[float] = None
-    p20_ms: Optional[float] = None
-    p80_ms: Optional[float] = None
+    ms: Optional[float] = None             # median
+    q1_ms: Optional[float] = None
+    q3_ms: Optional[float] = None
+    min_ms: Optional[float] = None
+    spread: Optional[float] = None         # (q3 - q1) / median
     reps: int = 0
     peak_bytes: Optional[int] = None
     max_abs_diff: Optional[float] = None   # outputs against the first implementation's
@@ -348,7 +370,8 @@ def run_impl(case: Case, impl: Impl, sets: List[Dict[str, Any]], s: Settings, gr
             del outs
         calls = [make_call(forward, wrt, case.passes) for forward, wrt in bound]
         t = measure_graph(calls[0], s) if graph else measure(calls, s)
-        res.ms, res.p20_ms, res.p80_ms, res.reps = t.median_ms, t.p20_ms, t.p80_ms, t.reps
+        res.ms, res.q1_ms, res.q3_ms, res.min_ms, res.reps = t.median_ms, t.q1_ms, t.q3_ms, t.min_ms, t.reps
+        res.spread = t.spread
         if not graph:
             res.peak_bytes = peak_memory_bytes(calls[0], s.device)
     except Exception as e:  # a failing implementation is a result ("skip: why"), not a crash

@@ -5,10 +5,10 @@ from collections import OrderedDict
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
-from .harness import Case, Result, dtype_name
+from .harness import NOISY_SPREAD, Case, Result, dtype_name
 
 # columns every table has, in order (tests check them)
-REQUIRED_COLUMNS = ("config", "dtype", "pass", "timing", "ours", "ours time", "speed-up", "roofline")
+REQUIRED_COLUMNS = ("config", "dtype", "pass", "timing", "ours", "ours time", "speed-up", "spread", "roofline")
 
 
 def measurement(case: Case, timing: str, results: List[Result]) -> Dict[str, Any]:
@@ -48,12 +48,16 @@ def rows(measurements: List[Dict[str, Any]], roofline: Dict[str, Any]) -> List[D
         for r in results:
             if not r["ours"] or r["ms"] is None:
                 continue
+            # IQR / median of ours and of the best baseline: either too wide, the ratio means little
+            spread = [r.get("spread"), best.get("spread") if best else None]
             row = dict(id=m["id"], family=m["family"], op=m["op"], config=m["config"], dtype=m["dtype"],
                        passes=m["passes"], timing=m["timing"], backend=r["impl"], ours_ms=r["ms"],
                        baselines={b["impl"]: b["ms"] for b in baselines},
                        baseline_skips={b["impl"]: b["skip"] for b in baselines if b["skip"]},
                        best_baseline=best["impl"] if best else None,
                        speedup=best["ms"] / r["ms"] if best else None,
+                       spread=spread, noisy=any(x is not None and x > NOISY_SPREAD for x in spread),
+                       reps=r.get("reps"),
                        speedups={b["impl"]: b["ms"] / r["ms"] for b in timed},
                        max_abs_diff={x["impl"]: x["max_abs_diff"] for x in results if x["max_abs_diff"] is not None},
                        peak_mib={x["impl"]: x["peak_bytes"] / 2 ** 20 for x in results if x["peak_bytes"] is not None},
@@ -93,6 +97,10 @@ def _roof_cell(row: Dict[str, Any]) -> str:
     return f"{row['tflop_per_s']:.3g} TFLOP/s" + (f" ({pct(frac)} of matmul)" if frac is not None else "")
 
 
+def _spread_cell(row: Dict[str, Any]) -> str:
+    return " / ".join("—" if x is None else f"{100 * x:.0f}%" for x in row["spread"])
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.2g}%"
 
@@ -124,8 +132,13 @@ def markdown(data: Dict[str, Any]) -> str:
     lines.append("Backends: " + "; ".join(
         f"{name}: {'available' if why is None else 'not run (' + why + ')'}" for name, why in data["backends"].items()))
     lines += ["", f"Settings: {', '.join(f'{k}={v}' for k, v in data['settings'].items())}", ""]
-    lines += ["Times are medians; speed-up = fastest baseline's time / ours (> 1: ours is faster). "
+    lines += ["Times are medians; speed-up = fastest baseline's time / ours (> 1: ours is faster); spread = "
+              "interquartile range / median of ours and of that baseline. "
               "See bench/README.md for what each column means.", ""]
+    noisy = [row for row in data["rows"] if row.get("noisy")]
+    if noisy:
+        lines += [f"**{len(noisy)} of {len(data['rows'])} rows are noisy** (spread above {pct(NOISY_SPREAD)}, "
+                  "marked in the speed-up column): the machine was busy, their ratios are not to be trusted.", ""]
 
     groups: "OrderedDict[Any, List[Dict[str, Any]]]" = OrderedDict()
     for row in data["rows"]:
@@ -133,7 +146,7 @@ def markdown(data: Dict[str, Any]) -> str:
     skipped = [m for m in data["measurements"] if not any(r["ours"] and r["ms"] is not None for r in m["results"])]
     for (family, op), group in groups.items():
         names = list(OrderedDict.fromkeys(n for row in group for n in row["baselines"]))
-        cols = ["config", "dtype", "pass", "timing", "ours", "ours time"] + names + ["speed-up", "roofline"]
+        cols = ["config", "dtype", "pass", "timing", "ours", "ours time"] + names + ["speed-up", "spread", "roofline"]
         if family == "attention":
             cols.append("peak MiB (ours / " + " / ".join(names) + ")")
         if any("tokens_per_s" in row for row in group):
@@ -141,9 +154,11 @@ def markdown(data: Dict[str, Any]) -> str:
         lines += [f"## {family}: {op}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in group:
             speed = (f"{row['speedup']:.2f}x vs {row['best_baseline']}" if row["speedup"] is not None else "—")
+            if row["noisy"]:
+                speed += " (noisy)"
             cells = [_config_cell(row["config"]), row["dtype"], row["passes"], row["timing"],
                      row["backend"].replace("ours:", ""), fmt_time(row["ours_ms"])]
-            cells += [_baseline_cell(row, n) for n in names] + [speed, _roof_cell(row)]
+            cells += [_baseline_cell(row, n) for n in names] + [speed, _spread_cell(row), _roof_cell(row)]
             if family == "attention":
                 peaks = row["peak_mib"]
                 cells.append(" / ".join(f"{peaks[n]:.4g}" if n in peaks else "—" for n in [row["backend"]] + names))
@@ -152,12 +167,11 @@ def markdown(data: Dict[str, Any]) -> str:
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
 
-    notes = OrderedDict()
+    notes: "OrderedDict[Any, List[str]]" = OrderedDict()  # (impl, why) -> the ops' rows it concerns
     for m in data["measurements"]:
         for r in m["results"]:
             if r["skip"] and r["skip"] != "OOM":
-                key = (m["family"], m["op"], r["impl"], r["skip"])
-                notes[key] = notes.get(key, 0) + 1
+                notes.setdefault((r["impl"], r["skip"]), []).append(f"{m['family']}/{m['op']}")
     diffs: "OrderedDict[Any, float]" = OrderedDict()
     for m in data["measurements"]:
         for r in m["results"]:
@@ -172,8 +186,8 @@ def markdown(data: Dict[str, Any]) -> str:
         lines.append("")
     if notes or skipped:
         lines += ["## Not measured", ""]
-        for (family, op, impl, why), n in notes.items():
-            lines.append(f"- {family}/{op}: {impl} in {n} row(s): {why}")
+        for (impl, why), ops in notes.items():
+            lines.append(f"- {impl} in {len(ops)} row(s): {why} ({', '.join(OrderedDict.fromkeys(ops))})")
         if skipped:
             lines.append(f"- {len(skipped)} measurement(s) with no timed backend of ours "
                          "(see the JSON `measurements` for each)")

@@ -3,10 +3,11 @@
     python -m bench                          # everything, on CUDA when present
     python -m bench --filter attention --graphs --plot
     python -m bench --device cpu --quick     # small configs (what CI runs)
-    python bench/run.py --list               # the case ids, without running
+    python -m bench --list                   # the case ids, without running
 
 Writes <out>/<date>-<device>.json (environment, roofline, every measurement, the rows) and
-.md (one table per op); with --plot, a .png of the speed-ups.
+.md (one table per op); with --plot, a .png of the speed-ups. <out> is ./bench_out unless
+--out says otherwise; bench/results/ holds the runs committed to the repository.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 import torch  # noqa: E402
 
 from bench import attention, cells, end_to_end, layers, report  # noqa: E402
-from bench.harness import (DTYPES, Case, Compiler, Context, Result, Settings, copy_bandwidth, device_slug,  # noqa: E402
-                           dtype_name, environment, input_sets, matmul_rate, now_date, run_impl, short_reason)
+from bench.harness import (DTYPES, NOISY_SPREAD, Case, Compiler, Context, Result, Settings, copy_bandwidth,  # noqa: E402
+                           device_slug, dtype_name, environment, input_sets, matmul_rate, now_date, run_impl,
+                           short_reason)
 from bench.report import fmt_time  # noqa: E402
 
 FAMILIES = {"cells": cells, "layers": layers, "attention": attention, "end_to_end": end_to_end}
@@ -52,7 +54,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--budget-ms", type=float, default=None, help="timed calls per measurement, in ms (default 100; quick 10)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run; the cases left when it runs out are recorded as not measured")
-    p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder")
+    p.add_argument("--out", default="bench_out",
+                   help="output folder (default: ./bench_out; committed runs go to bench/results)")
     p.add_argument("--name", default=None, help="file name stem (default <date>-<device>[-quick])")
     p.add_argument("--plot", action="store_true", help="write a PNG chart of the speed-ups")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -99,9 +102,12 @@ def measure_case(case: Case, settings: Settings, timing: str, graphs: bool, tag:
                        for impl in case.impls]
             del expected
         out.append(report.measurement(case, mode, results))
+        for r in results:
+            if r.ms is None and (r.impl, r.skip) not in _said:  # each reason once, in full
+                _said.add((r.impl, r.skip))
+                _log(f"{r.impl} not run: {r.skip}")
         _log(f"{tag} {case.id} {mode}: " + "; ".join(
-            f"{r.impl} {fmt_time(r.ms) if r.ms is not None else 'skip (' + (r.skip or '')[:60] + ')'}"
-            for r in results))
+            f"{r.impl} {fmt_time(r.ms) + _noise(r) if r.ms is not None else 'not run'}" for r in results))
     del sets
     if settings.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -110,6 +116,13 @@ def measure_case(case: Case, settings: Settings, timing: str, graphs: bool, tag:
 
 def not_run(case: Case, why: str) -> List[Result]:
     return [Result(impl.name, impl.ours, skip=impl.skip or why) for impl in case.impls]
+
+
+def _noise(r: Result) -> str:
+    return f" (spread {r.spread:.0%}: noisy)" if r.spread is not None and r.spread > NOISY_SPREAD else ""
+
+
+_said: set = set()  # (implementation, reason it did not run) already logged in this run
 
 
 def _log(msg: str) -> None:
@@ -153,8 +166,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         return {}
 
     budget_ms = args.budget_ms if args.budget_ms is not None else (10.0 if args.quick else 100.0)
-    settings = Settings(device, budget_ms=budget_ms, warmup_ms=budget_ms / 4,
-                        min_reps=3 if args.quick else 10)
+    settings = Settings(device, budget_ms=budget_ms, warmup_ms=budget_ms / 4)
+    _said.clear()
     t_start = time.time()
     env = environment(device)
     _log(f"device: {env.get('device')}; backends: "
@@ -194,8 +207,9 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     settings_out = dict(budget_ms=budget_ms, graphs=args.graphs, compile=args.compile, quick=args.quick,
                         dtype=args.dtype, filter=args.filter, family=args.family,
                         rotate_inputs_in_l2=settings.rotate, graph_steps=settings.graph_steps,
+                        min_reps=settings.min_reps, noisy_spread=NOISY_SPREAD,
                         seconds=round(time.time() - t_start, 1))
-    data = dict(schema=1, environment=env, settings=settings_out, backends=backend_notes, roofline=roofline,
+    data = dict(schema=2, environment=env, settings=settings_out, backends=backend_notes, roofline=roofline,
                 measurements=measurements, rows=report.rows(measurements, roofline))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.name or f"{now_date()}-{device_slug(env)}{'-quick' if args.quick else ''}")
@@ -210,7 +224,11 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             written.append(stem + ".png")
         except Exception as e:
             _log(f"plot not written: {short_reason(e)}")
+    noisy = sum(row["noisy"] for row in data["rows"])
     _log(f"{len(data['rows'])} rows in {settings_out['seconds']} s; wrote " + ", ".join(written))
+    if noisy:
+        _log(f"{noisy} row(s) noisy (spread above {NOISY_SPREAD:.0%}, marked in the table): "
+             "the machine was busy, their ratios are not to be trusted")
     return data
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the bench package lives at the repository root, next to tests/
 
-from bench import report, run, sanitize_parity  # noqa: E402
+from bench import harness, report, run, sanitize_parity  # noqa: E402
 QUICK = ["--device", "cpu", "--quick", "--backends", "torch", "--compile", "off", "--budget-ms", "2", "--threads", "1"]
 
 
@@ -42,6 +43,8 @@ def test_every_family_has_rows_with_baselines(quick_run):
     for row in data["rows"]:
         assert row["backend"] == "ours:torch"
         assert row["ours_ms"] > 0
+        assert row["reps"] >= harness.MIN_REPS and isinstance(row["noisy"], bool)
+        assert all(x is not None and x >= 0 for x in row["spread"]), row["id"]
         assert row["speedup"] is not None and row["speedup"] > 0, row["id"]
         assert row["best_baseline"] in row["baselines"]
         # the baselines computed the same thing as ours
@@ -80,8 +83,63 @@ def test_rows_speedup_and_roofline():
     text = report.markdown(dict(environment={"date": "2026-01-01", "device": "d"}, roofline=roof,
                                 backends={"cpp": None}, settings={}, measurements=[m], rows=[row]))
     line = next(ln for ln in text.splitlines() if ln.startswith("| B=1"))
+    assert row["spread"] == [None, None] and not row["noisy"]  # a record without spreads
     assert "OOM" in line and "2.00x vs nn.GRUCell" in line and "50% of copy" in line
     assert "ours:triton in 1 row(s): no GPU" in text
+
+
+@pytest.mark.parametrize("times", [[1.0, 20.0, 30.0], [7.0], [2.0, 1.0], [1.0, 1.0, 1.0, 50.0, 2.0]])
+def test_summary_stays_within_the_samples(times):
+    """Quartiles by the inclusive method: never an impossible figure (the exclusive method puts
+    the 20th and 80th percentiles of [1, 20, 30] at -2.8 and 32)."""
+    t = harness.summary(times)
+    assert min(times) == t.min_ms <= t.q1_ms <= t.median_ms <= t.q3_ms <= t.max_ms == max(times)
+    assert t.reps == len(times) and t.spread >= 0
+    assert harness.summary([1.0, 2.0, 30.0]).q1_ms == 1.5
+
+
+def test_every_measurement_has_the_minimum_repetitions():
+    slow = harness.Settings(torch.device("cpu"), budget_ms=0.01, warmup_ms=0.0)  # one call would fill it
+    t = harness.measure([lambda: time.sleep(0.001)], slow)
+    assert t.reps == harness.MIN_REPS >= 10
+
+
+def _measurement(spread_ours, spread_baseline):
+    return dict(id="x", family="cells", op="gru_cell", config={"B": 1}, dtype="float32", passes="fwd",
+                timing="wall", flops=0, bytes=0, transcendentals=0, unit=None, results=[
+                    dict(impl="ours:cpp", ours=True, ms=1.0, spread=spread_ours, reps=10, peak_bytes=None,
+                         max_abs_diff=None, skip=None),
+                    dict(impl="nn.GRUCell", ours=False, ms=2.0, spread=spread_baseline, reps=10, peak_bytes=None,
+                         max_abs_diff=0.0, skip=None)])
+
+
+def test_noisy_rows_are_flagged():
+    roof = {"copy_bytes_per_s": 1e9, "matmul_flops_per_s": {}}
+    quiet, noisy_ours, noisy_baseline = report.rows([_measurement(0.05, 0.03), _measurement(0.6, 0.03),
+                                                     _measurement(0.05, 0.3)], roof)
+    assert not quiet["noisy"] and noisy_ours["noisy"] and noisy_baseline["noisy"]
+    assert quiet["spread"] == [0.05, 0.03]
+    text = report.markdown(dict(environment={"date": "2026-01-01", "device": "d"}, roofline=roof, backends={},
+                                settings={}, measurements=[], rows=[quiet, noisy_ours]))
+    lines = [ln for ln in text.splitlines() if ln.startswith("| B=1")]
+    assert "(noisy)" not in lines[0] and "| 5% / 3% |" in lines[0]
+    assert "2.00x vs nn.GRUCell (noisy)" in lines[1] and "| 60% / 3% |" in lines[1]
+    assert "1 of 2 rows are noisy" in text
+
+
+def test_a_skip_reason_is_logged_once_in_full(tmp_path, monkeypatch, capsys):
+    reason = "pretend this backend cannot run here, " + "for a reason long enough to be cut " * 4 + "(end)"
+    monkeypatch.setattr(harness, "unsupported", lambda ctx, backend, ops, dtype: reason if backend == "triton" else None)
+    run.run_suite(QUICK[:4] + ["torch,triton"] + QUICK[5:] + ["--out", str(tmp_path), "--family", "cells",
+                                                              "--filter", "B=1,"])
+    err = capsys.readouterr().err
+    assert err.count(reason) == 1 and f"ours:triton not run: {reason}\n" in err
+    rows = [ln for ln in err.splitlines() if ln.startswith("[")]
+    assert len(rows) >= 2 and all("ours:triton not run;" in ln for ln in rows)
+
+
+def test_default_output_folder_is_outside_the_package():
+    assert run.parse_args([]).out == "bench_out"
 
 
 def test_time_budget_still_writes_results(tmp_path):
