@@ -8,6 +8,7 @@
 from . import backends, functional, reference
 from .backends import BackendUnavailable, get_backend, set_backend
 from .modules import GRU, LSTM, BahdanauAttention, GRUCell, LSTMCell, LuongAttention
+from .patch import PatchedGRU, PatchedGRUCell, PatchedLSTM, PatchedLSTMCell
 from .patch import patch  # the function (it shadows its submodule's name on purpose)
 
 __version__ = "0.1.0"
@@ -15,4 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GRU", "LSTM", "GRUCell", "LSTMCell", "BahdanauAttention", "LuongAttention",
     "functional", "reference", "backends", "set_backend", "get_backend", "BackendUnavailable", "patch",
+    "PatchedGRU", "PatchedLSTM", "PatchedGRUCell", "PatchedLSTMCell",
 ]

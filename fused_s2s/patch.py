@@ -1,4 +1,15 @@
-"""`patch(model)`: put fused_s2s's recurrent modules into an existing model, in place."""
+"""`patch(model)`: give the nn.GRU/LSTM/GRUCell/LSTMCell modules of an existing model fused_s2s's
+forward, in place, without making them anything other than what they were.
+
+Each module found keeps its identity and becomes an instance of a subclass of its own nn class
+(`PatchedGRU(fused_s2s.GRU, nn.GRU)`, ...): its forward is fused_s2s.GRU's (one implementation
+for both), everything else is nn's. So `isinstance(m, nn.GRU)` still holds, and so do its
+attributes (`hidden_size`, `proj_size`, `_flat_weights`, `all_weights`, `flatten_parameters()`),
+state_dict keys, hooks, parameter objects, `.to()`/`.half()` handling, deepcopy and pickling.
+
+fused_s2s.GRU/LSTM themselves stay outside nn.RNNBase: torch.compile graph-breaks on every
+instance of nn.RNN/GRU/LSTM (patched ones included) unless torch._dynamo.config.allow_rnn is set.
+"""
 from __future__ import annotations
 
 import warnings
@@ -9,66 +20,79 @@ from torch import nn
 from . import backends
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 
-# exact types only: a subclass may override forward, and swapping it would drop that code
-_REPLACEMENTS = {nn.GRU: GRU, nn.LSTM: LSTM, nn.GRUCell: GRUCell, nn.LSTMCell: LSTMCell}
+
+class _Patched:
+    """What the patched classes share: nn's own __init__ (plus `backend=`), and nn's flat-weight
+    bookkeeping rather than the standalone modules' (the MRO would pick ours first)."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+        self._nn_class.__init__(self, *args, **kwargs)
+        self.backend = None if backend is None else backends._check_name(backend)
+
+    def extra_repr(self) -> str:
+        s = self._nn_class.extra_repr(self)
+        return s + (f", backend={self.backend!r}" if self.backend else "")
 
 
-def _fused_twin(module: nn.Module, backend: Optional[str]) -> nn.Module:
-    """Our module with `module`'s configuration, holding `module`'s own Parameter objects."""
-    cls = _REPLACEMENTS[type(module)]
-    if isinstance(module, nn.RNNBase):
-        twin = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
-                   module.dropout, module.bidirectional, device="meta", backend=backend)
-    else:
-        twin = cls(module.input_size, module.hidden_size, module.bias, device="meta", backend=backend)
-    ours = dict(twin.named_parameters())
-    theirs = dict(module.named_parameters())
-    if ours.keys() != theirs.keys():  # cannot happen for the nn classes we map; guards their evolution
-        raise RuntimeError(f"cannot patch {type(module).__name__}: parameters {sorted(theirs)} "
-                           f"do not match {cls.__name__}'s {sorted(ours)}")
-    for name, param in theirs.items():
-        if param.shape != ours[name].shape:
-            raise RuntimeError(f"cannot patch {type(module).__name__}: {name} has shape {tuple(param.shape)}, "
-                               f"expected {tuple(ours[name].shape)}")
-        twin._parameters[name] = param  # the same tensor: optimizers built before still hold it
-    twin.train(module.training)
-    return twin
+class _PatchedLayers(_Patched):
+    # on CUDA nn's version packs the weights into one buffer for cuDNN; ours would do nothing
+    flatten_parameters = nn.RNNBase.flatten_parameters
+    all_weights = nn.RNNBase.all_weights  # also counts weight_hr (proj_size)
+
+
+class PatchedGRU(_PatchedLayers, GRU, nn.GRU):
+    """An nn.GRU whose forward is fused_s2s.GRU's; what patch() makes of an nn.GRU."""
+    _nn_class = nn.GRU
+
+
+class PatchedLSTM(_PatchedLayers, LSTM, nn.LSTM):
+    """An nn.LSTM whose forward is fused_s2s.LSTM's; what patch() makes of an nn.LSTM."""
+    _nn_class = nn.LSTM
+
+
+class PatchedGRUCell(_Patched, GRUCell, nn.GRUCell):
+    """An nn.GRUCell whose forward is fused_s2s.GRUCell's."""
+    _nn_class = nn.GRUCell
+
+
+class PatchedLSTMCell(_Patched, LSTMCell, nn.LSTMCell):
+    """An nn.LSTMCell whose forward is fused_s2s.LSTMCell's."""
+    _nn_class = nn.LSTMCell
+
+
+# exact types only: a subclass may override forward, and patching it would drop that code
+_PATCHED = {cls._nn_class: cls for cls in (PatchedGRU, PatchedLSTM, PatchedGRUCell, PatchedLSTMCell)}
 
 
 def patch(model: nn.Module, backend: Optional[str] = None) -> List[str]:
-    """Swap every nn.GRU, nn.LSTM, nn.GRUCell and nn.LSTMCell inside `model` for fused_s2s's
-    GRU, LSTM, GRUCell and LSTMCell, in place, and return the qualified names swapped.
+    """Give every nn.GRU, nn.LSTM, nn.GRUCell and nn.LSTMCell in `model` (`model` itself
+    included) fused_s2s's forward, in place; return the qualified names patched ("" for
+    `model` itself; a module used at several places is listed under each name).
 
-    The new modules hold the very same Parameter objects (same storage, device, dtype,
-    requires_grad), so outputs are unchanged and an optimizer built before the patch keeps
-    training them. A module used at several places becomes one fused module used at the same
-    places. `backend` ("auto", "torch", "cpp", "triton"; None: the process default) is given to
-    every new module. Only these exact classes are swapped (a subclass may have its own
-    forward); an nn.LSTM with proj_size > 0 is left as it is, with a warning. Forward hooks
-    registered on a swapped module are not carried over.
+    Each module stays the same object, an instance of its nn class (PatchedGRU is an nn.GRU,
+    ...): its parameters, buffers, hooks and attributes are untouched, so outputs are unchanged,
+    an optimizer built before keeps training it, and client code that checks
+    isinstance(m, nn.LSTM) or reads m.proj_size still works. `backend` ("auto", "torch", "cpp",
+    "triton"; None: the process default) is given to every patched module. Only these exact
+    classes are patched (a subclass may have its own forward); an nn.LSTM with proj_size > 0 is
+    left as it is, with a warning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if backend is not None:
         backends._check_name(backend)
-    if type(model) in _REPLACEMENTS:
-        raise ValueError(f"model is itself an {type(model).__name__}: patch swaps modules inside a model; "
-                         f"build fused_s2s.{_REPLACEMENTS[type(model)].__name__} and load its state_dict instead")
-    twins: Dict[int, nn.Module] = {}
-    swapped: List[str] = []
-    # list every (parent, child) path first, then swap: the tree must not change while walked
-    paths = [(parent, child_name, f"{parent_name}.{child_name}" if parent_name else child_name, child)
-             for parent_name, parent in model.named_modules(remove_duplicate=False)
-             for child_name, child in parent.named_children()]
-    for parent, child_name, name, child in paths:
-        if type(child) not in _REPLACEMENTS:
+    patched: Dict[int, nn.Module] = {}
+    names: List[str] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in patched and type(module) not in _PATCHED:
             continue
-        if isinstance(child, nn.LSTM) and child.proj_size > 0:
-            warnings.warn(f"fused_s2s.patch: leaving {name} as nn.LSTM (proj_size > 0 is not supported)",
-                          stacklevel=2)
+        if isinstance(module, nn.LSTM) and module.proj_size > 0:
+            warnings.warn(f"fused_s2s.patch: leaving {name or 'the model'} as nn.LSTM (proj_size > 0 is not "
+                          "supported)", stacklevel=2)
             continue
-        if id(child) not in twins:
-            twins[id(child)] = _fused_twin(child, backend)
-        setattr(parent, child_name, twins[id(child)])
-        swapped.append(name)
-    return swapped
+        if id(module) not in patched:
+            module.__class__ = _PATCHED[type(module)]
+            module.backend = backend
+            patched[id(module)] = module
+        names.append(name)
+    return names

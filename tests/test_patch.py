@@ -1,108 +1,109 @@
+"""patch(): the modules it patches stay the nn modules they were (class, attributes, parameters,
+hooks, state_dict, dtype moves, copies, pickles) and compute what they computed."""
 import copy
+import io
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_s2s
 from fused_s2s.patch import patch
 
+from conftest import REQUIRED
 
-# A translation model in the style of the PyTorch seq2seq tutorial, written with plain torch.nn.
-
-class EncoderRNN(nn.Module):
-    def __init__(self, vocab, hidden):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, hidden)
-        self.gru = nn.GRU(hidden, hidden, batch_first=True)
-
-    def forward(self, src):
-        return self.gru(self.embedding(src))
+BACKENDS = [pytest.param(b, marks=[] if b in REQUIRED or fused_s2s.backends.available()[b] is None
+                         else [pytest.mark.skip(reason=f"{b} cannot load")]) for b in fused_s2s.backends.NAMES]
 
 
-class AdditiveAttention(nn.Module):
-    def __init__(self, hidden):
-        super().__init__()
-        self.Wa, self.Ua, self.Va = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 1)
-
-    def forward(self, query, keys):
-        scores = self.Va(torch.tanh(self.Wa(query) + self.Ua(keys))).squeeze(2).unsqueeze(1)
-        weights = F.softmax(scores, dim=-1)
-        return torch.bmm(weights, keys), weights
+def _zoo():
+    return nn.ModuleDict({"gru": nn.GRU(3, 5, num_layers=2, bidirectional=True, batch_first=True),
+                          "lstm": nn.LSTM(3, 4, bias=False), "gru_cell": nn.GRUCell(3, 5),
+                          "lstm_cell": nn.LSTMCell(3, 4)})
 
 
-class AttnDecoderRNN(nn.Module):
-    def __init__(self, hidden, vocab):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, hidden)
-        self.attention = AdditiveAttention(hidden)
-        self.gru = nn.GRU(2 * hidden, hidden, batch_first=True)
-        self.out = nn.Linear(hidden, vocab)
-
-    def forward(self, encoder_outputs, hidden, target):
-        outputs = []
-        for t in range(target.shape[1]):  # teacher forcing
-            embedded = self.embedding(target[:, t:t + 1])
-            context, _ = self.attention(hidden.permute(1, 0, 2), encoder_outputs)
-            output, hidden = self.gru(torch.cat((embedded, context), dim=2), hidden)
-            outputs.append(self.out(output))
-        return F.log_softmax(torch.cat(outputs, dim=1), dim=-1)
+def _run_zoo(zoo, x):
+    """Every module of _zoo on x (B=2, T=6, 3), with given states, flattened to a list."""
+    h = torch.linspace(-1, 1, 2 * 4 * 5, dtype=x.dtype).reshape(4, 2, 5)
+    out, h_n = zoo["gru"](x, h)
+    out2, (h2, c2) = zoo["lstm"](x.transpose(0, 1))
+    h3 = zoo["gru_cell"](x[:, 0], h[0])
+    h4, c4 = zoo["lstm_cell"](x[:, 1])
+    return [out, h_n, out2, h2, c2, h3, h4, c4]
 
 
-class TutorialSeq2Seq(nn.Module):
-    def __init__(self, vocab=11, hidden=16):
-        super().__init__()
-        self.encoder, self.decoder = EncoderRNN(vocab, hidden), AttnDecoderRNN(hidden, vocab)
-
-    def loss(self, src, tgt_in, tgt_out):
-        outputs, hidden = self.encoder(src)
-        log_probs = self.decoder(outputs, hidden, tgt_in)
-        return F.nll_loss(log_probs.flatten(0, 1), tgt_out.flatten())
-
-
-def tutorial_data(batch=5, src_len=7, tgt_len=6, vocab=11):
-    g = torch.Generator().manual_seed(1)
-    return (torch.randint(0, vocab, (batch, src_len), generator=g),
-            torch.randint(0, vocab, (batch, tgt_len), generator=g),
-            torch.randint(0, vocab, (batch, tgt_len), generator=g))
-
-
-def test_tutorial_model_same_loss_and_gradients_after_patch():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patched_modules_are_still_the_nn_modules(backend):
     torch.manual_seed(0)
-    model = TutorialSeq2Seq()
-    reference = copy.deepcopy(model)
-    params_before = dict(model.named_parameters())
-    state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # built before the patch
-    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    zoo = _zoo()
+    reference = copy.deepcopy(zoo)
+    params = dict(zoo.named_parameters())
+    keys = list(zoo.state_dict())
+    seen = []
+    zoo["gru"].register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
 
-    swapped = patch(model, backend="torch")
+    assert patch(zoo, backend=backend) == ["gru", "lstm", "gru_cell", "lstm_cell"]
 
-    assert swapped == ["encoder.gru", "decoder.gru"]
-    assert type(model.encoder.gru) is fused_s2s.GRU and type(model.decoder.gru) is fused_s2s.GRU
-    assert model.encoder.gru.backend == "torch" and model.encoder.gru.batch_first
-    for name, p in model.named_parameters():
-        assert p is params_before[name], name  # the very same tensors
-    assert model.state_dict().keys() == state_before.keys()
-    data = tutorial_data()
-    for step in range(2):
-        losses = []
-        for m, opt in ((model, optimizer), (reference, reference_optimizer)):
-            opt.zero_grad()
-            loss = m.loss(*data)
-            loss.backward()
-            losses.append(loss)
-        torch.testing.assert_close(losses[0], losses[1])
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, msg=f"{name} at step {step}")
-        optimizer.step()
-        reference_optimizer.step()
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p, q)
-    assert not torch.equal(model.encoder.gru.weight_hh_l0, state_before["encoder.gru.weight_hh_l0"])
+    for name, cls in (("gru", nn.GRU), ("lstm", nn.LSTM), ("gru_cell", nn.GRUCell), ("lstm_cell", nn.LSTMCell)):
+        m = zoo[name]
+        assert isinstance(m, cls) and type(m).__name__ == "Patched" + cls.__name__, name
+        assert m.backend == backend and m.hidden_size == reference[name].hidden_size
+        assert f"backend='{backend}'" in repr(m)
+    gru, lstm = zoo["gru"], zoo["lstm"]
+    assert (gru.num_layers, gru.bidirectional, gru.batch_first, lstm.proj_size, lstm.bias) == (2, True, True, 0, False)
+    assert [id(w) for w in gru._flat_weights] == [id(getattr(gru, n)) for n in gru._flat_weights_names]
+    assert sum(w.numel() for ws in gru.all_weights for w in ws) == sum(p.numel() for p in gru.parameters())
+    assert len(lstm.all_weights) == 1 and len(lstm.all_weights[0]) == 2  # no biases
+    gru.flatten_parameters()
+    assert dict(zoo.named_parameters()) == params and list(zoo.state_dict()) == keys
+
+    x = torch.randn(2, 6, 3)
+    for ours, theirs in zip(_run_zoo(zoo, x), _run_zoo(reference, x)):
+        torch.testing.assert_close(ours, theirs)
+    assert seen == ["PatchedGRU"]  # the hook registered before the patch still runs
+
+
+def test_patched_modules_move_copy_and_pickle():
+    torch.manual_seed(0)
+    zoo = _zoo()
+    reference = copy.deepcopy(zoo).double()
+    patch(zoo, backend="torch")
+    zoo.double()  # nn.RNNBase._apply rebuilds _flat_weights for the new tensors
+    assert all(w.dtype == torch.float64 for w in zoo["gru"]._flat_weights)
+    assert zoo["gru"]._flat_weights[0] is zoo["gru"].weight_ih_l0
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    expected = _run_zoo(reference, x)
+
+    twin = copy.deepcopy(zoo)
+    buffer = io.BytesIO()
+    torch.save(zoo, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for copied in (twin, loaded):
+        assert type(copied["lstm"]) is fused_s2s.PatchedLSTM and copied["lstm"].backend == "torch"
+        assert copied["gru"].weight_hh_l1 is not zoo["gru"].weight_hh_l1
+        for ours, theirs in zip(_run_zoo(copied, x), expected):
+            torch.testing.assert_close(ours, theirs)
+    plain = _zoo().double()
+    plain.load_state_dict(loaded.state_dict())  # the keys nn expects
+    for ours, theirs in zip(_run_zoo(plain, x), expected):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_patched_classes_construct_as_nn_does():
+    torch.manual_seed(0)
+    ours = fused_s2s.PatchedLSTM(3, 4, num_layers=2, dropout=0.0, backend="torch")
+    theirs = nn.LSTM(3, 4, num_layers=2)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+    assert isinstance(ours, nn.LSTM) and isinstance(ours, fused_s2s.LSTM)
+    cell = fused_s2s.PatchedGRUCell(3, 4, bias=False)
+    assert cell.bias_ih is None and cell.backend is None and isinstance(cell, nn.GRUCell)
+    with pytest.raises(ValueError, match="backend"):
+        fused_s2s.PatchedGRU(3, 4, backend="cudnn")
 
 
 def test_patch_every_kind_packed_and_shared():
@@ -121,9 +122,8 @@ def test_patch_every_kind_packed_and_shared():
     reference = copy.deepcopy(zoo)
     swapped = patch(zoo)
     assert sorted(swapped) == sorted(["lstm", "cells.0", "cells.1", "again", "deep.1"])
-    assert zoo.cells[1] is zoo.again and type(zoo.again) is fused_s2s.GRUCell  # still shared
-    assert type(zoo.cells[0]) is fused_s2s.LSTMCell and zoo.cells[0].bias_ih is None
-    assert zoo.lstm.weight_hh_l1_reverse.dtype == torch.float64
+    assert zoo.cells[1] is zoo.again is shared and type(shared) is fused_s2s.PatchedGRUCell  # still shared
+    assert zoo.cells[0].bias_ih is None and zoo.lstm.weight_hh_l1_reverse.dtype == torch.float64
 
     x = torch.randn(7, 3, 3, dtype=torch.float64)
     lengths = torch.tensor([7, 2, 5])
@@ -152,9 +152,9 @@ def test_patch_leaves_what_it_cannot_take():
         assert patch(model) == []  # patching twice changes nothing more
 
 
-def test_patch_bad_arguments():
-    with pytest.raises(ValueError, match="itself"):
-        patch(nn.GRU(2, 3))
+def test_patch_the_model_itself_and_bad_arguments():
+    gru = nn.GRU(2, 3)
+    assert patch(gru, backend="torch") == [""] and type(gru) is fused_s2s.PatchedGRU
     with pytest.raises(TypeError, match="model"):
         patch("model")
     with pytest.raises(ValueError, match="backend"):
@@ -163,3 +163,47 @@ def test_patch_bad_arguments():
 
 def test_patch_is_exported():
     assert fused_s2s.patch is patch
+
+
+class _Tagger(nn.Module):
+    """Linear -> GRU -> GRUCell step: the GRU is where dynamo breaks the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.gru, self.cell = nn.Linear(3, 4), nn.GRU(4, 5, batch_first=True), nn.GRUCell(5, 5)
+
+    def forward(self, x):
+        out, h = self.gru(torch.tanh(self.proj(x)))
+        return self.cell(out[:, -1], h[0]).square().sum()
+
+
+def _compiled_matches_eager(model, x, **compile_kwargs):
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    compiled = torch.compile(model, backend="aot_eager", **compile_kwargs)(x)
+    grads = torch.autograd.grad(compiled, list(model.parameters()))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_patched_model_under_torch_compile(monkeypatch):
+    """What the README says: dynamo breaks the graph at a patched nn.GRU/nn.LSTM, as at any
+    nn.RNNBase (not at the cells), unless torch._dynamo.config.allow_rnn is set; then the whole
+    model compiles with fullgraph=True. Either way, the results are eager's."""
+    torch.manual_seed(0)
+    model = _Tagger()
+    patch(model, backend="cpp" if "cpp" in REQUIRED else "torch")
+    x = torch.randn(2, 6, 3)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="RNN"):
+        torch.compile(model, fullgraph=True, backend="eager")(x)
+    torch._dynamo.reset()
+    _compiled_matches_eager(model, x)
+    cell_only = nn.Sequential(nn.Linear(3, 3), nn.GRUCell(3, 4))
+    patch(cell_only)
+    torch.compile(cell_only, fullgraph=True, backend="eager")(x[:, 0])  # cells: no break
+    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
+    torch._dynamo.reset()
+    _compiled_matches_eager(model, x, fullgraph=True)
+    torch._dynamo.reset()
