@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends
+from . import backends, ops
 from .autograd import AdditiveAttentionFunction, DotAttentionFunction, GRUFunction, LSTMFunction
 
 # ------------------------------------------------------------------------------ arg checks
@@ -69,7 +69,13 @@ def value_range(t: Tensor) -> Tuple[int, int]:
 
 
 def _pick(backend: Optional[str], op: str, t: Tensor, largest: int) -> str:
-    """The backend for this call; `largest` is the element count of its largest tensor."""
+    """The backend for this call; `largest` is the element count of its largest tensor. While
+    exporting to ONNX, the `torch` backend whatever was asked (the graph holds standard ops)."""
+    if torch.jit.is_tracing():  # it would record a kernel's outputs as constants, or fail obscurely
+        raise RuntimeError("torch.jit.trace cannot record fused_s2s's ops: use torch.export.export, or "
+                           "torch.onnx.export(..., dynamo=True) for ONNX")
+    if ops.exporting_onnx():
+        return "torch"
     return backends.resolve(backend, op, t.device, t.dtype, largest)
 
 

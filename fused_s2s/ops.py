@@ -18,10 +18,18 @@ from . import backends
 Opt = Optional[Tensor]
 
 
+def exporting_onnx() -> bool:
+    """Whether torch.onnx.export(..., dynamo=True) is capturing the graph. ONNX has no
+    translation of our custom ops, so there every op runs the `torch` backend's standard ops."""
+    return torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()
+
+
 def call(op: str, backend: str, *args):
     """Run primitive `op` of `backend`: through the custom op when compiling, directly otherwise."""
     if torch.compiler.is_compiling():
-        return getattr(torch.ops.fused_s2s, op)(backend, *args)
+        if not torch.onnx.is_in_onnx_export():
+            return getattr(torch.ops.fused_s2s, op)(backend, *args)
+        backend = "torch"  # exporting to ONNX: functional._pick chose it already, and it runs inline
     return getattr(backends.load(backend), op)(*args)
 
 
