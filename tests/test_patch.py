@@ -187,7 +187,7 @@ def _compiled_matches_eager(model, x, **compile_kwargs):
         torch.testing.assert_close(a, b)
 
 
-def test_patched_model_under_torch_compile(monkeypatch):
+def test_patched_model_under_torch_compile():
     """What the README says: dynamo breaks the graph at a patched nn.GRU/nn.LSTM, as at any
     nn.RNNBase (not at the cells), unless torch._dynamo.config.allow_rnn is set; then the whole
     model compiles with fullgraph=True. Either way, the results are eager's."""
@@ -203,7 +203,7 @@ def test_patched_model_under_torch_compile(monkeypatch):
     cell_only = nn.Sequential(nn.Linear(3, 3), nn.GRUCell(3, 4))
     patch(cell_only)
     torch.compile(cell_only, fullgraph=True, backend="eager")(x[:, 0])  # cells: no break
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
     torch._dynamo.reset()
-    _compiled_matches_eager(model, x, fullgraph=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        _compiled_matches_eager(model, x, fullgraph=True)
     torch._dynamo.reset()
