@@ -21,21 +21,24 @@ def _onnxruntime():
 
 
 class GRUAttention(nn.Module):
-    """A bidirectional 2-layer GRU encoder and an additive attention read over it."""
+    """A bidirectional 2-layer GRU encoder over padded input with lengths=, and an additive
+    attention read over it."""
+    source = "lengths"
 
     def __init__(self, backend):
         super().__init__()
         self.gru = fused_s2s.GRU(4, 6, num_layers=2, bidirectional=True, batch_first=True, backend=backend)
         self.attention = fused_s2s.BahdanauAttention(12, 12, 5, backend=backend)
 
-    def forward(self, x, mask):
-        out, h = self.gru(x)
-        return self.attention(torch.cat([h[-2], h[-1]], dim=-1), out, mask=mask)
+    def forward(self, x, lengths):
+        out, h = self.gru(x, lengths=lengths)
+        return self.attention(torch.cat([h[-2], h[-1]], dim=-1), out, lengths=lengths)
 
 
 class LSTMDecoderStep(nn.Module):
     """An LSTM encoder, one decoder step through both cells (one of them a patched nn.GRUCell)
-    and both Luong scores."""
+    and both Luong scores, with a mask."""
+    source = "mask"
 
     def __init__(self, backend):
         super().__init__()
@@ -55,41 +58,48 @@ class LSTMDecoderStep(nn.Module):
         return context2, weights, c2
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, 4, generator=g)
-    mask = torch.tensor([[True] * 4, [True, True, False, False], [True] * 3 + [False]])
-    return x, mask
+def _inputs(model, batch):
+    """(x (batch, 4, 4), the model's source lengths or mask), with ragged lengths."""
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 4, 4, generator=g)
+    lengths = torch.randint(1, 5, (batch,), generator=g)
+    lengths[0] = 4
+    return x, lengths if model.source == "lengths" else torch.arange(4) < lengths[:, None]
 
 
 @pytest.mark.parametrize("model_class,backend", [(GRUAttention, "cpp"), (LSTMDecoderStep, "triton")])
 def test_onnx_export_runs_in_onnxruntime(model_class, backend):
+    """Exported with a dynamic batch size: the graph runs at the example's and at another."""
     onnxruntime = _onnxruntime()
     torch.manual_seed(0)
     model = model_class(backend).eval()
-    x, mask = _inputs()
+    batch = torch.export.Dim("batch", min=2, max=64)
     with torch.no_grad():
-        expected = model(x, mask)
         # optimize=False: half the export time here; the default (True) gives the same results
-        program = torch.onnx.export(model, (x, mask), dynamo=True, verbose=False, optimize=False)
+        program = torch.onnx.export(model, _inputs(model, 3), dynamo=True, verbose=False, optimize=False,
+                                    dynamic_shapes=({0: batch}, {0: batch}))
     session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(),
                                            providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    outputs = session.run(None, dict(zip(names, (x.numpy(), mask.numpy()))))
-    assert len(outputs) == len(expected)
-    for ours, theirs in zip(outputs, expected):
-        torch.testing.assert_close(torch.from_numpy(ours), theirs)
-    assert model(x, mask)[0].grad_fn is not None  # eager use after the export is untouched
+    for size in (3, 5):
+        inputs = _inputs(model, size)
+        with torch.no_grad():
+            expected = model(*inputs)
+        outputs = session.run(None, dict(zip(names, (t.numpy() for t in inputs))))
+        assert len(outputs) == len(expected)
+        for ours, theirs in zip(outputs, expected):
+            torch.testing.assert_close(torch.from_numpy(ours), theirs)
+    assert model(*inputs)[0].grad_fn is not None  # eager use after the export is untouched
 
 
 def test_torch_export_keeps_the_custom_ops():
     torch.manual_seed(0)
     model = GRUAttention("cpp").eval()
-    x, mask = _inputs()
-    program = torch.export.export(model, (x, mask))
+    inputs = _inputs(model, 3)
+    program = torch.export.export(model, inputs)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"fused_s2s.gru_cell_fwd.default", "fused_s2s.additive_attention_fwd.default"} <= targets
-    for ours, theirs in zip(program.module()(x, mask), model(x, mask)):
+    for ours, theirs in zip(program.module()(*inputs), model(*inputs)):
         torch.testing.assert_close(ours, theirs)
 
 
