@@ -256,14 +256,14 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell_bwd(const Tensor& grad_h_new, const 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& c,
                                                  const Tensor& w_hh, const OptTensor& b_hh) {
   const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t B = h.size(0), H = h.size(1);
+  const int64_t B = h.size(0), P = h.size(1), H = c.size(1);
   Tensor h_new = at::empty({B, H}, h.options());
   Tensor c_new = at::empty({B, H}, c.options());
   Tensor saved = at::empty({B, 4 * H}, h.options());
   if (h_new.numel() == 0) return {h_new, c_new, saved};
   check_launch(cuda::lstm_cell_fwd(launcher_dtype(h.scalar_type()), gx.data_ptr(), h.data_ptr(),
                                    c.data_ptr(), w_hh.data_ptr(), opt_ptr(b_hh), h_new.data_ptr(),
-                                   c_new.data_ptr(), saved.data_ptr(), B, H, current_stream()),
+                                   c_new.data_ptr(), saved.data_ptr(), B, H, P, current_stream()),
                "lstm_cell_fwd");
   return {h_new, c_new, saved};
 }
@@ -423,15 +423,17 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell_bwd(const Tensor& grad_h_new, const 
   return cpu::gru_cell_bwd(grad_h_new, h, saved);
 }
 
+// h is (B, P): P = H, or proj_size for an LSTM with projections (the caller projects h_new).
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& c,
                                                  const Tensor& w_hh, const OptTensor& b_hh) {
   const Args args("lstm_cell_fwd", h, "h");
   args.dim(h, "h", 2);
-  const int64_t B = h.size(0), H = h.size(1);
-  args.floating(h, "h", {B, H});
+  args.dim(c, "c", 2);
+  const int64_t B = h.size(0), P = h.size(1), H = c.size(1);
+  args.floating(h, "h", {B, P});
   args.floating(gx, "gx", {B, 4 * H});
   args.floating(c, "c", {B, H});
-  args.floating(w_hh, "w_hh", {4 * H, H});
+  args.floating(w_hh, "w_hh", {4 * H, P});
   if (b_hh) args.floating(*b_hh, "b_hh", {4 * H});
 #ifdef WITH_CUDA
   if (args.device().is_cuda()) return cuda_impl::lstm_cell_fwd(gx, h, c, w_hh, b_hh);

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .backend_torch import up
 from .ops import call
 
 
@@ -122,21 +123,28 @@ class GRUFunction(torch.autograd.Function):
 
 
 class LSTMFunction(torch.autograd.Function):
-    """One LSTM layer direction. Saves per step: h_prev, c_prev, c_new (N,H each) and the
-    activated gates (N,4H); tanh(c_new) is recomputed in backward."""
+    """One LSTM layer direction. Saves per step: h_prev (N,P), c_prev, c_new (N,H each) and the
+    activated gates (N,4H); tanh(c_new) is recomputed in backward.
+
+    With projections (w_hr (P,H), nn.LSTM's proj_size) the cell primitive takes the projected
+    h_prev (B,P) for its recurrent GEMM and returns the unprojected o * tanh(c_new) (B,H); the
+    step's h_new = that @ w_hr.T is one more GEMM here. Backward recomputes o * tanh(c_new)
+    from what is saved anyway and forms grad_w_hr as one GEMM over the whole sequence."""
 
     @staticmethod
     @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 batch_sizes: Tuple[int, ...], reverse: bool, backend: str,
-                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        hidden = h0.shape[1]
+                lengths: Optional[Tensor] = None, w_hr: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        hidden, out_size = c0.shape[1], h0.shape[1]
         active = _active_steps(lengths, len(batch_sizes))
         outs, h_prevs, c_prevs, c_news, saveds = [], [], [], [], []
         h, c = h0, c0
         for t, off, bs in _steps(batch_sizes, reverse):
             h_prev, c_prev = h[:bs], c[:bs]
             h_new, c_new, saved = call("lstm_cell_fwd", backend, gx[off:off + bs], h_prev, c_prev, w_hh, b_hh)
+            if w_hr is not None:
+                h_new = h_new @ w_hr.t()
             a = None if active is None else active[t]
             c_next = _keep(a, c_new, c_prev)  # saved as c_new: finite, and with zero gates it passes dc through
             for parts, part in ((outs, _keep(a, h_new, 0)), (h_prevs, h_prev), (c_prevs, c_prev), (c_news, c_next),
@@ -144,24 +152,28 @@ class LSTMFunction(torch.autograd.Function):
                 parts.append(part)
             h, c = _replace_rows(h, _keep(a, h_new, h_prev)), _replace_rows(c, c_next)
         in_order = not reverse
-        ctx.save_for_backward(*(_rows(p, in_order, gx, hidden) for p in (h_prevs, c_prevs, c_news)),
-                              _rows(saveds, in_order, gx, 4 * hidden), w_hh, active)
+        ctx.save_for_backward(_rows(h_prevs, in_order, gx, out_size),
+                              *(_rows(p, in_order, gx, hidden) for p in (c_prevs, c_news)),
+                              _rows(saveds, in_order, gx, 4 * hidden), w_hh, active, w_hr)
         ctx.setup = (tuple(batch_sizes), reverse, backend, b_hh is not None)
-        out = torch.cat(outs if in_order else outs[::-1]) if outs else gx.new_empty(0, hidden)
+        out = torch.cat(outs if in_order else outs[::-1]) if outs else gx.new_empty(0, out_size)
         return out, (h.clone() if h is h0 else h), (c.clone() if c is c0 else c)
 
     @staticmethod
     @_no_autocast
     def backward(ctx, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor):
-        h_prev_all, c_prev_all, c_new_all, saved_all, w_hh, active = ctx.saved_tensors
+        h_prev_all, c_prev_all, c_new_all, saved_all, w_hh, active, w_hr = ctx.saved_tensors
         batch_sizes, reverse, backend, has_bias = ctx.setup
         grad_out = grad_out.contiguous()
-        grad_gate_parts = []
+        grad_gate_parts, grad_h_parts = [], []
         dh, dc = grad_h_n.contiguous(), grad_c_n.contiguous()
         for t, off, bs in reversed(_steps(batch_sizes, reverse)):
             rows = slice(off, off + bs)
             a = None if active is None else active[t]
             g_h = _keep(a, dh[:bs] + grad_out[rows], 0)
+            if w_hr is not None:
+                grad_h_parts.append(g_h)
+                g_h = g_h @ w_hr  # through the projection, onto o * tanh(c_new)
             grad_gates, dc_prev = call("lstm_cell_bwd", backend, g_h, dc[:bs].contiguous(), c_prev_all[rows],
                                        c_new_all[rows], saved_all[rows])
             grad_gate_parts.append(grad_gates)
@@ -170,7 +182,12 @@ class LSTMFunction(torch.autograd.Function):
         grad_gates_all = _rows(grad_gate_parts, reverse, saved_all, saved_all.shape[1])
         grad_w_hh = grad_gates_all.t() @ h_prev_all if ctx.needs_input_grad[3] else None
         grad_b_hh = grad_gates_all.sum(0) if has_bias and ctx.needs_input_grad[4] else None
-        return grad_gates_all, dh, dc, grad_w_hh, grad_b_hh, None, None, None, None
+        grad_w_hr = None
+        if w_hr is not None and ctx.needs_input_grad[9]:
+            hidden = c_new_all.shape[1]
+            unprojected = (up(saved_all[:, 3 * hidden:]) * torch.tanh(up(c_new_all))).to(c_new_all.dtype)
+            grad_w_hr = _rows(grad_h_parts, reverse, saved_all, w_hr.shape[0]).t() @ unprojected
+        return grad_gates_all, dh, dc, grad_w_hh, grad_b_hh, None, None, None, None, grad_w_hr
 
 
 def _reduce_to_key_rows(grad_rows: Tensor, like: Tensor, kv_batch_idx: Optional[Tensor]) -> Tensor:

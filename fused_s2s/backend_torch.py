@@ -21,10 +21,13 @@ Cells (one time step; gx = x @ w_ih.T + b_ih comes in precomputed, for a layer a
       saved = [r, z, n, gh_n] with gh_n = (h @ w_hh.T + b_hh)[:, 2H:]
   gru_cell_bwd(grad_h_new, h, saved) -> (grad_gx (B,3H), grad_gh (B,3H), grad_h_direct (B,H))
       the caller finishes: grad_h = grad_h_direct + grad_gh @ w_hh, grad_w_hh = grad_gh.T @ h
-  lstm_cell_fwd(gx (B,4H), h, c, w_hh (4H,H), b_hh|None) -> (h_new, c_new, saved (B,4H))
-      saved = activated gates [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)]
+  lstm_cell_fwd(gx (B,4H), h (B,P), c (B,H), w_hh (4H,P), b_hh|None) -> (h_new (B,H), c_new (B,H), saved (B,4H))
+      saved = activated gates [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)]; h_new = o * tanh(c_new).
+      P = H without projections; with them (nn.LSTM's proj_size) h is the projected state and
+      the caller projects h_new with w_hr (P,H) itself: a GEMM over the whole row of h_new,
+      which a kernel tiled over hidden units cannot finish in its epilogue
   lstm_cell_bwd(grad_h_new, grad_c_new, c, c_new, saved) -> (grad_gates (B,4H), grad_c (B,H))
-      grad_gx = grad_gh = grad_gates; the caller finishes grad_h = grad_gates @ w_hh
+      grad_gx = grad_gh = grad_gates; the caller finishes grad_h = grad_gates @ w_hh (B,P)
 
 Attention (queries always 3-D here; the Function adds/removes the Tq = 1 dim):
   additive_attention_fwd(q (Bq,Tq,A), k (Bk,Tk,A), v (A,), values (Bk,Tk,Dv), mask, lengths,

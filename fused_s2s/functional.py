@@ -158,12 +158,15 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
 
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, *,
-               lengths: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer direction over packed rows -> (output rows, h_n, c_n); `lengths` as gru_layer."""
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+               lengths: Optional[Tensor] = None, backend: Optional[str] = None,
+               w_hr: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer direction over packed rows -> (output rows, h_n, c_n); `lengths` as gru_layer.
+    `w_hr` (P, H): nn.LSTM's projection (proj_size P); h0, h_n and the output rows are then (., P)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     gx = F.linear(x, w_ih, b_ih).contiguous()
     return LSTMFunction.apply(gx, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), b_hh,
-                              tuple(batch_sizes), reverse, _pick(backend, "lstm_cell", x, gx.numel()), lengths)
+                              tuple(batch_sizes), reverse, _pick(backend, "lstm_cell", x, gx.numel()), lengths,
+                              None if w_hr is None else w_hr.contiguous())
 
 
 # ------------------------------------------------------------------------------- attention

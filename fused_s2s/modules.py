@@ -80,33 +80,41 @@ class _RecurrentLayers(nn.Module):
     """What GRU and LSTM share: parameters named and ordered as in nn.GRU/nn.LSTM, input
     layouts (padded, batch_first, unbatched, PackedSequence, padded with `lengths=`), layers,
     directions, dropout, and the choice between the per-step path and, on CUDA, the persistent
-    whole-sequence kernels of the cpp or triton backend (see fused_s2s.persistent_autograd)."""
+    whole-sequence kernels of the cpp or triton backend (see fused_s2s.persistent_autograd).
+    `proj_size` (LSTM only, as in nn.LSTM): h is projected to proj_size features by weight_hr_l{k}."""
     gates: int
     has_cell_state: bool
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, backend: Optional[str] = None) -> None:
+                 proj_size: int = 0, device=None, dtype=None, backend: Optional[str] = None) -> None:
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        if proj_size != 0 and not self.has_cell_state:
+            raise ValueError(f"proj_size is only supported for LSTM, not {type(self).__name__}")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or not 0 <= proj_size < hidden_size:
+            raise ValueError(f"proj_size must be an integer in [0, hidden_size) = [0, {hidden_size}) "
+                             f"(0: no projection), got {proj_size!r}")
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional = bidirectional
+        self.bidirectional, self.proj_size = bidirectional, proj_size
         self.backend = None if backend is None else backends._check_name(backend)
         kw = {"device": device, "dtype": dtype}
         g = self.gates * hidden_size
         self._flat_weights_names: List[str] = []
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
+            layer_input = input_size if layer == 0 else self.output_size * self.num_directions
             for suffix in self._suffixes():
-                shapes = [("weight_ih", (g, layer_input)), ("weight_hh", (g, hidden_size))]
+                shapes = [("weight_ih", (g, layer_input)), ("weight_hh", (g, self.output_size))]
                 if bias:
                     shapes += [("bias_ih", (g,)), ("bias_hh", (g,))]
+                if proj_size:
+                    shapes.append(("weight_hr", (proj_size, hidden_size)))
                 for kind, shape in shapes:
                     name = f"{kind}_l{layer}{suffix}"
                     self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw)))
@@ -116,6 +124,11 @@ class _RecurrentLayers(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        """Features of h (and of each direction's output): proj_size if set, else hidden_size."""
+        return self.proj_size or self.hidden_size
 
     def _suffixes(self) -> Tuple[str, ...]:
         return ("", "_reverse") if self.bidirectional else ("",)
@@ -130,17 +143,19 @@ class _RecurrentLayers(nn.Module):
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
-        per = 4 if self.bias else 2
+        per = (4 if self.bias else 2) + (1 if self.proj_size else 0)
         flat = [getattr(self, n) for n in self._flat_weights_names]
         return [flat[i:i + per] for i in range(0, len(flat), per)]
 
     def _weights(self, layer: int, suffix: str):
+        """(w_ih, w_hh, b_ih, b_hh), then w_hr when projected."""
         get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
-        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+        return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")) + \
+            ((get("weight_hr"),) if self.proj_size else ())
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
-        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+        for name, default in (("proj_size", 0), ("num_layers", 1), ("bias", True), ("batch_first", False),
                               ("dropout", 0.0), ("bidirectional", False), ("backend", None)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)!r}"
@@ -149,7 +164,8 @@ class _RecurrentLayers(nn.Module):
     # -- forward ---------------------------------------------------------------------------
 
     def _check_state(self, name: str, state: Tensor, x: Tensor, batch: int, autocast: bool) -> None:
-        expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        size = self.hidden_size if name == "c_0" else self.output_size
+        expected = (self.num_layers * self.num_directions, batch, size)
         if not isinstance(state, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
         if tuple(state.shape) != expected:
@@ -222,8 +238,8 @@ class _RecurrentLayers(nn.Module):
     def _initial_states(self, hx, data: Tensor, batch: int, batched: bool, autocast: bool) -> List[Tensor]:
         names = ("h_0", "c_0") if self.has_cell_state else ("hx",)
         if hx is None:
-            zeros = data.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
-            return [zeros] * len(names)
+            zeros = lambda size: data.new_zeros(self.num_layers * self.num_directions, batch, size)  # noqa: E731
+            return [zeros(self.output_size)] + ([zeros(self.hidden_size)] if self.has_cell_state else [])
         given = list(hx) if self.has_cell_state else [hx]
         if self.has_cell_state and len(given) != 2:
             raise TypeError("hx must be a tuple (h_0, c_0) for LSTM")
@@ -238,11 +254,13 @@ class _RecurrentLayers(nn.Module):
         return states
 
     def _run_layers(self, data: Tensor, states: List[Tensor], batch_sizes: List[int], lengths: Optional[Tensor]):
-        """-> (output rows (N, D*H) in data's row layout, final states [(L*D, B, H)])."""
+        """-> (output rows (N, D*output_size) in data's row layout, final states [(L*D, B, size)])."""
         batch = batch_sizes[0] if batch_sizes else 0
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in (data, *states, *self.parameters()))
-        kernels, _ = persistent_autograd.route(type(self).__name__, self.backend, data, batch, self.hidden_size,
-                                               training)
+        kernels = None  # proj_size > 0 runs per step: the persistent kernels have no projection
+        if not self.proj_size:
+            training = torch.is_grad_enabled() and any(t.requires_grad for t in (data, *states, *self.parameters()))
+            kernels, _ = persistent_autograd.route(type(self).__name__, self.backend, data, batch, self.hidden_size,
+                                                   training)
         if kernels is not None:
             # the whole-sequence kernels take padded (T, B, I) input and mask by lengths
             x, lengths, restore = _to_padded(data, batch_sizes, lengths)
@@ -302,19 +320,15 @@ class GRU(_RecurrentLayers):
 
 
 class LSTM(_RecurrentLayers):
-    """nn.LSTM with fused kernels. forward(input, (h_0, c_0)=None, *, lengths=None) -> (output, (h_n, c_n))."""
+    """nn.LSTM with fused kernels. forward(input, (h_0, c_0)=None, *, lengths=None) -> (output, (h_n, c_n)).
+    With proj_size = P > 0 (LSTMP): h_n and the output have P features per direction, c_n keeps
+    hidden_size, and each layer direction has weight_hr_l{k}[_reverse] (P, hidden_size), as nn.LSTM."""
     gates, has_cell_state = 4, True
 
-    def __init__(self, *args, proj_size: int = 0, **kwargs) -> None:
-        if proj_size != 0:
-            raise ValueError("proj_size > 0 (LSTM with projections) is not supported by fused_s2s.LSTM")
-        super().__init__(*args, **kwargs)
-        self.proj_size = 0
-
     def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths):
-        w_ih, w_hh, b_ih, b_hh = weights
+        w_ih, w_hh, b_ih, b_hh, *w_hr = weights
         return functional.lstm_layer(x, states[0], states[1], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                                     lengths=lengths, backend=self.backend)
+                                     lengths=lengths, backend=self.backend, w_hr=w_hr[0] if w_hr else None)
 
     def _persistent_direction(self, x, states, weights, lengths, reverse, kernels):
         return persistent_autograd.persistent_lstm_layer(x, states[0], states[1], *weights, lengths, reverse,

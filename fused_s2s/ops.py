@@ -67,8 +67,8 @@ def lstm_cell_fwd(backend: str, gx: Tensor, h: Tensor, c: Tensor, w_hh: Tensor,
 
 
 @lstm_cell_fwd.register_fake
-def _(backend, gx, h, c, w_hh, b_hh):
-    return torch.empty_like(h), torch.empty_like(c), h.new_empty(h.shape[0], 4 * h.shape[1])
+def _(backend, gx, h, c, w_hh, b_hh):  # h_new is (B, H) like c, also when h is projected (B, P)
+    return torch.empty_like(c), torch.empty_like(c), c.new_empty(c.shape[0], 4 * c.shape[1])
 
 
 @custom_op("fused_s2s::lstm_cell_bwd", mutates_args=())

@@ -12,7 +12,6 @@ instance of nn.RNN/GRU/LSTM (patched ones included) unless torch._dynamo.config.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Optional
 
 from torch import nn
@@ -74,8 +73,7 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> List[str]:
     an optimizer built before keeps training it, and client code that checks
     isinstance(m, nn.LSTM) or reads m.proj_size still works. `backend` ("auto", "torch", "cpp",
     "triton"; None: the process default) is given to every patched module. Only these exact
-    classes are patched (a subclass may have its own forward); an nn.LSTM with proj_size > 0 is
-    left as it is, with a warning.
+    classes are patched (a subclass may have its own forward); nn.LSTM(proj_size > 0) included.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -85,10 +83,6 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> List[str]:
     names: List[str] = []
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) not in patched and type(module) not in _PATCHED:
-            continue
-        if isinstance(module, nn.LSTM) and module.proj_size > 0:
-            warnings.warn(f"fused_s2s.patch: leaving {name or 'the model'} as nn.LSTM (proj_size > 0 is not "
-                          "supported)", stacklevel=2)
             continue
         if id(module) not in patched:
             module.__class__ = _PATCHED[type(module)]

@@ -26,14 +26,17 @@ def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
 
 
 def lstm_cell(input: Tensor, state: Tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
-              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """PyTorch's LSTM cell, gates in the order (i, f, g, o)."""
+              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
+              w_hr: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """PyTorch's LSTM cell, gates in the order (i, f, g, o). With projections (nn.LSTM's
+    proj_size P, LSTMP): hx and the returned h are (.., P), w_hh is (4H, P), w_hr (P, H), and
+    h' = w_hr (o * tanh(c')); the cell state stays (.., H)."""
     hx, cx = state
     gates = torch.nn.functional.linear(input, w_ih, b_ih) + torch.nn.functional.linear(hx, w_hh, b_hh)
     i, f, g, o = gates.chunk(4, dim=-1)
     c = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c)
-    return h, c
+    return (h if w_hr is None else torch.nn.functional.linear(h, w_hr)), c
 
 
 def valid_positions(mask: Optional[Tensor], lengths: Optional[Tensor], batch: int, tk: int,

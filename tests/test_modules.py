@@ -138,7 +138,7 @@ def test_module_api_matches_nn():
            [[tuple(p.shape) for p in layer] for layer in ref.all_weights]
     ours.flatten_parameters()
     with pytest.raises(ValueError, match="proj_size"):
-        fused_s2s.LSTM(3, 4, proj_size=2)
+        fused_s2s.LSTM(3, 4, proj_size=4)  # as nn: proj_size < hidden_size
 
 
 # ------------------------------------------------------------------------------- attention

@@ -87,9 +87,10 @@ def sigmoid(x):
 
 
 @triton.jit
-def gate_matmul(acc, h_tile, w_ptr, gate, cols, ks, col_ok, k_ok, H, PRECISION: tl.constexpr):
-    """acc + h_tile @ w_hh[gate*H + cols, ks].T: one gate's block of the recurrent GEMM."""
-    w = tl.load(w_ptr + (gate * H + cols)[:, None] * H + ks[None, :],
+def gate_matmul(acc, h_tile, w_ptr, gate, cols, ks, col_ok, k_ok, H, K, PRECISION: tl.constexpr):
+    """acc + h_tile @ w_hh[gate*H + cols, ks].T: one gate's block of the recurrent GEMM, w_hh
+    (G*H, K) with K the width of h (H, or an LSTM's proj_size)."""
+    w = tl.load(w_ptr + (gate * H + cols)[:, None] * K + ks[None, :],
                 mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     return mm(h_tile, tl.trans(w), acc, True, PRECISION)
 

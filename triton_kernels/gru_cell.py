@@ -27,9 +27,9 @@ def _gru_cell_fwd_kernel(gx_ptr, h_ptr, w_ptr, b_ptr, h_new_ptr, saved_ptr, B, H
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
         h_tile = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc_r = gate_matmul(acc_r, h_tile, w_ptr, 0, cols, ks, col_ok, k_ok, H, PRECISION)
-        acc_z = gate_matmul(acc_z, h_tile, w_ptr, 1, cols, ks, col_ok, k_ok, H, PRECISION)
-        acc_n = gate_matmul(acc_n, h_tile, w_ptr, 2, cols, ks, col_ok, k_ok, H, PRECISION)
+        acc_r = gate_matmul(acc_r, h_tile, w_ptr, 0, cols, ks, col_ok, k_ok, H, H, PRECISION)
+        acc_z = gate_matmul(acc_z, h_tile, w_ptr, 1, cols, ks, col_ok, k_ok, H, H, PRECISION)
+        acc_n = gate_matmul(acc_n, h_tile, w_ptr, 2, cols, ks, col_ok, k_ok, H, H, PRECISION)
     if HAS_BIAS:
         acc_r += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc_z += tl.load(b_ptr + H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]

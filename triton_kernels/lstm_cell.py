@@ -1,6 +1,8 @@
 """LSTM cell, one time step: the recurrent GEMM h @ w_hh.T on tensor blocks with the gate math
 as its epilogue (forward), and one fused pointwise kernel (backward). Contract and math:
-fused_s2s.backend_torch.lstm_cell_fwd / lstm_cell_bwd."""
+fused_s2s.backend_torch.lstm_cell_fwd / lstm_cell_bwd. With projections h is (B, P) (the GEMM's
+depth K = P) and h_new = o * tanh(c_new) comes out unprojected: a program holds a block of
+hidden units, not the whole row the projection reads, so the caller projects it."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -12,9 +14,9 @@ import triton.language as tl
 from ._common import CELL_CONFIGS, POINTWISE_BLOCK, block, check, dot_precision, gate_matmul, sigmoid, tanh
 
 
-@triton.autotune(configs=CELL_CONFIGS, key=["B_BUCKET", "H"])
+@triton.autotune(configs=CELL_CONFIGS, key=["B_BUCKET", "H", "K"])
 @triton.jit
-def _lstm_cell_fwd_kernel(gx_ptr, h_ptr, c_ptr, w_ptr, b_ptr, h_new_ptr, c_new_ptr, saved_ptr, B, H, B_BUCKET,
+def _lstm_cell_fwd_kernel(gx_ptr, h_ptr, c_ptr, w_ptr, b_ptr, h_new_ptr, c_new_ptr, saved_ptr, B, H, K, B_BUCKET,
                           HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -24,14 +26,14 @@ def _lstm_cell_fwd_kernel(gx_ptr, h_ptr, c_ptr, w_ptr, b_ptr, h_new_ptr, c_new_p
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        h_tile = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc_i = gate_matmul(acc_i, h_tile, w_ptr, 0, cols, ks, col_ok, k_ok, H, PRECISION)
-        acc_f = gate_matmul(acc_f, h_tile, w_ptr, 1, cols, ks, col_ok, k_ok, H, PRECISION)
-        acc_g = gate_matmul(acc_g, h_tile, w_ptr, 2, cols, ks, col_ok, k_ok, H, PRECISION)
-        acc_o = gate_matmul(acc_o, h_tile, w_ptr, 3, cols, ks, col_ok, k_ok, H, PRECISION)
+        k_ok = ks < K
+        h_tile = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc_i = gate_matmul(acc_i, h_tile, w_ptr, 0, cols, ks, col_ok, k_ok, H, K, PRECISION)
+        acc_f = gate_matmul(acc_f, h_tile, w_ptr, 1, cols, ks, col_ok, k_ok, H, K, PRECISION)
+        acc_g = gate_matmul(acc_g, h_tile, w_ptr, 2, cols, ks, col_ok, k_ok, H, K, PRECISION)
+        acc_o = gate_matmul(acc_o, h_tile, w_ptr, 3, cols, ks, col_ok, k_ok, H, K, PRECISION)
     if HAS_BIAS:
         acc_i += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc_f += tl.load(b_ptr + H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -85,17 +87,17 @@ def _lstm_cell_bwd_kernel(grad_h_new_ptr, grad_c_new_ptr, c_ptr, c_new_ptr, save
 def lstm_cell_fwd(gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor,
                   b_hh: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check("h", h, (None, None))
-    B, H = h.shape
+    check("c", c, (h.shape[0], None), h.dtype, h.device)
+    (B, P), H = h.shape, c.shape[1]  # P = H, or the LSTM's proj_size
     check("gx", gx, (B, 4 * H), h.dtype, h.device)
-    check("c", c, (B, H), h.dtype, h.device)
-    check("w_hh", w_hh, (4 * H, H), h.dtype, h.device)
+    check("w_hh", w_hh, (4 * H, P), h.dtype, h.device)
     if b_hh is not None:
         check("b_hh", b_hh, (4 * H,), h.dtype, h.device)
-    h_new, c_new, saved = torch.empty_like(h), torch.empty_like(c), h.new_empty(B, 4 * H)
-    if h.numel() == 0:
+    h_new, c_new, saved = torch.empty_like(c), torch.empty_like(c), h.new_empty(B, 4 * H)
+    if c.numel() == 0:
         return h_new, c_new, saved
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
-    _lstm_cell_fwd_kernel[grid](gx, h, c, w_hh, w_hh if b_hh is None else b_hh, h_new, c_new, saved, B, H, block(B),
+    _lstm_cell_fwd_kernel[grid](gx, h, c, w_hh, w_hh if b_hh is None else b_hh, h_new, c_new, saved, B, H, P, block(B),
                                 HAS_BIAS=b_hh is not None, PRECISION=dot_precision())
     return h_new, c_new, saved
 

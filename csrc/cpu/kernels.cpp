@@ -471,7 +471,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell_bwd(const Tensor& grad_h_new, const 
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& gx, const Tensor& h, const Tensor& c,
                                                  const Tensor& w_hh, const OptTensor& b_hh) {
-  const int64_t B = h.size(0), H = h.size(1);
+  const int64_t B = h.size(0), H = c.size(1);      // h is (B, P) when the LSTM projects
   const Tensor pre = at::addmm(gx, h, w_hh.t());  // gx + h @ w_hh.T in one BLAS call
   Tensor h_new = at::empty({B, H}, h.options());
   Tensor c_new = at::empty({B, H}, c.options());

@@ -2,6 +2,8 @@
 // gh = h @ w_hh.T whose block tile covers BM batch rows x BN hidden units *for every gate*
 // (rows j, H+j, 2H+j(, 3H+j) of w_hh), so that each thread holds all gate pre-activations of
 // its (b, j) outputs in registers and runs the gate math (gates.h) right after the K loop.
+// The GEMM's depth K is the width of h: H, or P for an LSTM with projections (h (B,P),
+// w_hh (G*H,P)); the projection of h_new itself is left to the caller (it needs whole rows).
 #pragma once
 
 #include "common.cuh"
@@ -12,14 +14,15 @@ namespace cuda {
 // Pointers of one cell step. c / c_new are used by the LSTM only.
 struct CellFwdParams {
   const void* gx;    // (B, G*H)
-  const void* h;     // (B, H)
+  const void* h;     // (B, K)
   const void* c;     // (B, H)
-  const void* w_hh;  // (G*H, H)
+  const void* w_hh;  // (G*H, K)
   const void* b_hh;  // (G*H,) or nullptr
   void* h_new;       // (B, H)
   void* c_new;       // (B, H)
   void* saved;       // (B, 4H)
   int64_t batch, hidden;
+  int64_t depth;     // K: H, or the LSTM's proj_size P
 };
 
 // Block tile: BM batch rows x BN hidden units (x G gates), TM x TN outputs per thread and gate.
@@ -44,33 +47,33 @@ struct CellTile {
 // zero outside the matrices), so that the next slice is in flight while this one is used.
 template <typename T, class Tile>
 __device__ __forceinline__ void load_cell_tile(const T* __restrict__ h, const T* __restrict__ w_hh,
-                                               int64_t batch, int64_t hidden, int64_t b0,
-                                               int64_t j0, int64_t k0,
+                                               int64_t batch, int64_t hidden, int64_t depth,
+                                               int64_t b0, int64_t j0, int64_t k0,
                                                float (&h_reg)[Tile::kHLoads],
                                                float (&w_reg)[Tile::kGates][Tile::kWLoadsPerGate]) {
   constexpr int R = Tile::kRowStep;
   const int row0 = threadIdx.x / Tile::kBK;
   const int64_t k = k0 + threadIdx.x % Tile::kBK;
-  const bool k_ok = k < hidden;
+  const bool k_ok = k < depth;
 #pragma unroll
   for (int r = 0; r < Tile::kHLoads; ++r) {
     const int64_t b = b0 + row0 + r * R;
-    h_reg[r] = (k_ok && b < batch) ? to_float(h[b * hidden + k]) : 0.f;
+    h_reg[r] = (k_ok && b < batch) ? to_float(h[b * depth + k]) : 0.f;
   }
 #pragma unroll
   for (int g = 0; g < Tile::kGates; ++g)
 #pragma unroll
     for (int r = 0; r < Tile::kWLoadsPerGate; ++r) {
       const int64_t j = j0 + row0 + r * R;
-      w_reg[g][r] = (k_ok && j < hidden) ? to_float(w_hh[(g * hidden + j) * hidden + k]) : 0.f;
+      w_reg[g][r] = (k_ok && j < hidden) ? to_float(w_hh[(g * hidden + j) * depth + k]) : 0.f;
     }
 }
 
 // acc[g][i][jj] = sum_k h[b0 + ty*TM + i, k] * w_hh[g*H + j0 + tx*TN + jj, k] for this thread.
 template <typename T, class Tile>
 __device__ __forceinline__ void recurrent_gemm(const T* __restrict__ h, const T* __restrict__ w_hh,
-                                               int64_t batch, int64_t hidden, int64_t b0,
-                                               int64_t j0,
+                                               int64_t batch, int64_t hidden, int64_t depth,
+                                               int64_t b0, int64_t j0,
                                                float (&acc)[Tile::kGates][Tile::kTM][Tile::kTN]) {
   constexpr int G = Tile::kGates, BM = Tile::kBM, BN = Tile::kBN, TM = Tile::kTM,
                 TN = Tile::kTN, BK = Tile::kBK;
@@ -87,9 +90,9 @@ __device__ __forceinline__ void recurrent_gemm(const T* __restrict__ h, const T*
       for (int jj = 0; jj < TN; ++jj) acc[g][i][jj] = 0.f;
 
   float h_reg[Tile::kHLoads], w_reg[G][Tile::kWLoadsPerGate];
-  load_cell_tile<T, Tile>(h, w_hh, batch, hidden, b0, j0, 0, h_reg, w_reg);
+  load_cell_tile<T, Tile>(h, w_hh, batch, hidden, depth, b0, j0, 0, h_reg, w_reg);
   const int kk_load = threadIdx.x % BK, row0 = threadIdx.x / BK;
-  for (int64_t k0 = 0; k0 < hidden; k0 += BK) {
+  for (int64_t k0 = 0; k0 < depth; k0 += BK) {
 #pragma unroll
     for (int r = 0; r < Tile::kHLoads; ++r) h_s[kk_load][row0 + r * Tile::kRowStep] = h_reg[r];
 #pragma unroll
@@ -98,7 +101,7 @@ __device__ __forceinline__ void recurrent_gemm(const T* __restrict__ h, const T*
       for (int r = 0; r < Tile::kWLoadsPerGate; ++r)
         w_s[g][kk_load][row0 + r * Tile::kRowStep] = w_reg[g][r];
     __syncthreads();
-    if (k0 + BK < hidden) load_cell_tile<T, Tile>(h, w_hh, batch, hidden, b0, j0, k0 + BK, h_reg, w_reg);
+    if (k0 + BK < depth) load_cell_tile<T, Tile>(h, w_hh, batch, hidden, depth, b0, j0, k0 + BK, h_reg, w_reg);
 #pragma unroll 8
     for (int kk = 0; kk < BK; ++kk) {
       float hv[TM];
@@ -126,7 +129,7 @@ __global__ void __launch_bounds__(Tile::kThreads) cell_fwd_kernel(const CellFwdP
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * Tile::kBN;
   float acc[G][TM][TN];
   recurrent_gemm<T, Tile>(static_cast<const T*>(p.h), static_cast<const T*>(p.w_hh), p.batch,
-                          p.hidden, b0, j0, acc);
+                          p.hidden, p.depth, b0, j0, acc);
 
   const T* b_hh = static_cast<const T*>(p.b_hh);
   const int tx = threadIdx.x % Tile::kThreadsN, ty = threadIdx.x / Tile::kThreadsN;
@@ -158,7 +161,7 @@ cudaError_t launch_cell_fwd_tile(const CellFwdParams& p, cudaStream_t stream) {
 // (a single step is latency-bound, so more blocks beat more reuse there).
 template <class Cell>
 cudaError_t launch_cell_fwd(DType dtype, const CellFwdParams& p, cudaStream_t stream) {
-  if (p.batch < 0 || p.hidden < 0) return cudaErrorInvalidValue;
+  if (p.batch < 0 || p.hidden < 0 || p.depth < 0) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.hidden == 0) return cudaSuccess;
   constexpr int G = Cell::kGates;
   using Large = CellTile<G, 32, 32, 2, 2>;

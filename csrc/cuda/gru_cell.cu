@@ -54,7 +54,7 @@ __global__ void gru_cell_bwd_kernel(const T* __restrict__ grad_h_new, const T* _
 cudaError_t gru_cell_fwd(DType dtype, const void* gx, const void* h, const void* w_hh,
                          const void* b_hh, void* h_new, void* saved, int64_t batch,
                          int64_t hidden, cudaStream_t stream) {
-  CellFwdParams p{gx, h, nullptr, w_hh, b_hh, h_new, nullptr, saved, batch, hidden};
+  CellFwdParams p{gx, h, nullptr, w_hh, b_hh, h_new, nullptr, saved, batch, hidden, hidden};
   return launch_cell_fwd<GruCell>(dtype, p, stream);
 }
 

@@ -43,11 +43,12 @@ cudaError_t gru_cell_bwd(DType dtype, const void* grad_h_new, const void* h, con
                          void* grad_gx, void* grad_gh, void* grad_h_direct, int64_t batch,
                          int64_t hidden, cudaStream_t stream);
 
-// gx (B,4H), h (B,H), c (B,H), w_hh (4H,H), b_hh (4H,)|nullptr
-//   -> h_new (B,H), c_new (B,H), saved (B,4H) = activated [i, f, g, o]
+// gx (B,4H), h (B,P), c (B,H), w_hh (4H,P), b_hh (4H,)|nullptr, P = h_size (H, or proj_size)
+//   -> h_new (B,H) = o * tanh(c_new) (unprojected), c_new (B,H), saved (B,4H) = activated [i, f, g, o]
 cudaError_t lstm_cell_fwd(DType dtype, const void* gx, const void* h, const void* c,
                           const void* w_hh, const void* b_hh, void* h_new, void* c_new,
-                          void* saved, int64_t batch, int64_t hidden, cudaStream_t stream);
+                          void* saved, int64_t batch, int64_t hidden, int64_t h_size,
+                          cudaStream_t stream);
 
 // grad_h_new (B,H)|nullptr, grad_c_new (B,H)|nullptr, c (B,H), c_new (B,H), saved (B,4H)
 //   -> grad_gates (B,4H), grad_c (B,H)

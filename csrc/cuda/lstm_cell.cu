@@ -1,4 +1,7 @@
 // LSTM cell step (gates i, f, g, o): fused recurrent GEMM + gate math forward, pointwise backward.
+// With projections h is (B, P) and h_new = o * tanh(c_new) (B, H) stays unprojected: the
+// projection reads whole rows of h_new, which one (batch, hidden) tile does not hold, so the
+// caller runs it as a GEMM.
 #include "cell_gemm.cuh"
 
 namespace fused_s2s {
@@ -55,8 +58,9 @@ __global__ void lstm_cell_bwd_kernel(const T* __restrict__ grad_h_new, const T* 
 
 cudaError_t lstm_cell_fwd(DType dtype, const void* gx, const void* h, const void* c,
                           const void* w_hh, const void* b_hh, void* h_new, void* c_new,
-                          void* saved, int64_t batch, int64_t hidden, cudaStream_t stream) {
-  CellFwdParams p{gx, h, c, w_hh, b_hh, h_new, c_new, saved, batch, hidden};
+                          void* saved, int64_t batch, int64_t hidden, int64_t h_size,
+                          cudaStream_t stream) {
+  CellFwdParams p{gx, h, c, w_hh, b_hh, h_new, c_new, saved, batch, hidden, h_size};
   return launch_cell_fwd<LstmCell>(dtype, p, stream);
 }
 

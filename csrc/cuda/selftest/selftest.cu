@@ -245,7 +245,7 @@ void test_lstm(DType d, int64_t B, int64_t H, bool bias, bool with_grad_c, Rng& 
   Buf *h_new = poisoned(B * H * elem_bytes(d)), *c_new = poisoned(B * H * elem_bytes(d)),
       *saved = poisoned(B * 4 * H * elem_bytes(d));
   CUDA_OK(k::lstm_cell_fwd(d, gx_d->p, h_d->p, c_d->p, w_d->p, bias ? b_d->p : nullptr, h_new->p, c_new->p,
-                           saved->p, B, H, 0));
+                           saved->p, B, H, H, 0));
   CUDA_OK(cudaDeviceSynchronize());
   const auto gh = recurrent(h, w, b, B, H, 4);
   std::vector<double> ref_h(B * H), ref_c(B * H), ref_saved(B * 4 * H);
