@@ -52,21 +52,23 @@ def test_proj_drop_in(backend, device, dtype, num_layers, bidirectional, batch_f
     ours = fused_s2s.LSTM(4, 5, backend=backend, **kw).double()
     assert ours._flat_weights_names == ref._flat_weights_names
     assert [(n, p.shape) for n, p in ours.state_dict().items()] == [(n, p.shape) for n, p in ref.state_dict().items()]
-    assert [[p.shape for p in layer] for layer in ours.all_weights] == [[p.shape for p in layer] for layer in ref.all_weights]
+    shapes = lambda m: [[p.shape for p in layer] for layer in m.all_weights]  # noqa: E731
+    assert shapes(ours) == shapes(ref)
     ref.load_state_dict(ours.state_dict())  # both ways
     ours.load_state_dict(ref.state_dict())
     T, B, D = 5, 3, 2 if bidirectional else 1
     x = torch.randn((B, T, 4) if batch_first else (T, B, 4), dtype=torch.float64)
     _assert_same(ref, ours, x)
-    state = (torch.randn(num_layers * D, B, 2, dtype=torch.float64), torch.randn(num_layers * D, B, 5, dtype=torch.float64))
+    state = tuple(torch.randn(num_layers * D, B, size, dtype=torch.float64) for size in (2, 5))
     _assert_same(ref, ours, x, state)
     lengths = torch.tensor([2, 5, 1])
-    _assert_same(ref, ours, pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False), state)
+    packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+    _assert_same(ref, ours, packed, state)
     unbatched = x[0] if batch_first else x[:, 0]
     _assert_same(ref, ours, unbatched, (state[0][:, 0], state[1][:, 0]))
     # lengths=: padded input, packing's results
     out, (h_n, c_n) = ours(x, state, lengths=lengths)
-    ref_out, (ref_h, ref_c) = ref(pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False), state)
+    ref_out, (ref_h, ref_c) = ref(packed, state)
     ref_out = pad_packed_sequence(ref_out, batch_first=batch_first, total_length=T)[0]
     assert out.shape[-1] == D * 2 and h_n.shape[-1] == 2 and c_n.shape[-1] == 5
     for name, a, b in (("output", ref_out, out), ("h_n", ref_h, h_n), ("c_n", ref_c, c_n)):
@@ -103,7 +105,8 @@ def test_proj_parity(backend, device, dtype, B, I, H, P, poison_uninitialized):
         grads = torch.autograd.grad(_loss([out, h, c]), inputs + list(module.parameters()))
         return [out, h, c] + list(grads)
 
-    names = ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0"] + [f"grad {n}" for n, _ in ref64.named_parameters()]
+    names = ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0"]
+    names += [f"grad {n}" for n, _ in ref64.named_parameters()]
     ref_results = run(ref64, torch.float64, False)
     plain_results = run(plain, dtype, False)
     for name, a, b, p in zip(names, ref_results, run(ours, dtype, True), plain_results):
@@ -193,4 +196,23 @@ def test_projected_cell_op_fake(backend, device, dtype):
     """The custom op's fake implementation gives what the kernel gives when h is (B, P)."""
     B, H, P = 3, 5, 2
     r = lambda *s: torch.randn(*s)  # noqa: E731
-    torch.library.opcheck(torch.ops.fused_s2s.lstm_cell_fwd, (backend, r(B, 4 * H), r(B, P), r(B, H), r(4 * H, P), r(4 * H)))
+    args = (backend, r(B, 4 * H), r(B, P), r(B, H), r(4 * H, P), r(4 * H))
+    torch.library.opcheck(torch.ops.fused_s2s.lstm_cell_fwd, args)
+
+
+def test_proj_compiles_fullgraph():
+    """No graph break at a projected LSTM either (lengths= on the device), same results as eager."""
+    torch.manual_seed(0)
+    lstm = fused_s2s.LSTM(3, 6, bidirectional=True, proj_size=2)
+
+    def step(x, lengths):
+        out, (h, c) = lstm(x, lengths=lengths)
+        return out.square().sum() + h.sum() + c.sum()
+
+    x, lengths = torch.randn(5, 2, 3), torch.tensor([5, 3])
+    eager = step(x, lengths)
+    eager_grads = torch.autograd.grad(eager, list(lstm.parameters()))
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, lengths)
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(torch.autograd.grad(loss, list(lstm.parameters())), eager_grads):
+        torch.testing.assert_close(a, b)
