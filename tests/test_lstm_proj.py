@@ -10,6 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_s2s
 import fused_s2s.functional as FS
+from fused_s2s import backends
 
 from conftest import assert_close_to_reference, parity_cases
 
@@ -112,6 +113,25 @@ def test_proj_parity(backend, device, dtype, B, I, H, P, poison_uninitialized):
     for name, a, b, p in zip(names, ref_results, run(ours, dtype, True), plain_results):
         assert b.dtype == dtype, name
         assert_close_to_reference(b, a, p, name)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [
+    p for p in parity_cases("lstm_cell", dtypes=[torch.float64, torch.float32, torch.float16, torch.bfloat16])
+    if p.values[1] == "cpu"])
+@pytest.mark.parametrize("B,H,P", [(1, 33, 1), (5, 33, 17), (3, 7, 6)], ids=str)
+def test_projected_cell_primitive(backend, device, dtype, B, H, P, poison_uninitialized):
+    """The cell primitive with a projected h (B, P), in every dtype the backend takes on CPU:
+    h_new = o * tanh(c_new) unprojected (B, H), against the contract's float64 reference."""
+    torch.manual_seed(0)
+    args64 = (torch.randn(B, 4 * H), torch.randn(B, P), torch.randn(B, H), torch.randn(4 * H, P) / P ** 0.5,
+              torch.randn(4 * H))
+    args64 = tuple(a.double() for a in args64)
+    cast = tuple(a.to(dtype) for a in args64)
+    ours = backends.load(backend).lstm_cell_fwd(*cast)
+    ref = backends.load("torch")
+    for name, o, r, p in zip(("h_new", "c_new", "saved"), ours, ref.lstm_cell_fwd(*args64), ref.lstm_cell_fwd(*cast)):
+        assert o.dtype == dtype and o.shape == r.shape, name
+        assert_close_to_reference(o, r, p, name)
 
 
 @pytest.mark.parametrize("backend,device,dtype", CPU64)
