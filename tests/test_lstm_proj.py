@@ -236,3 +236,23 @@ def test_proj_compiles_fullgraph():
     torch.testing.assert_close(loss, eager)
     for a, b in zip(torch.autograd.grad(loss, list(lstm.parameters())), eager_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_proj_onnx_export_runs_in_onnxruntime():
+    """ONNX export (dynamo) of a projected LSTM with lengths=: standard ops, eager's results."""
+    from test_export import _onnxruntime
+    onnxruntime = _onnxruntime()
+    torch.manual_seed(0)
+    lstm = fused_s2s.LSTM(4, 6, bidirectional=True, batch_first=True, proj_size=3, backend="cpp").eval()
+    x, lengths = torch.randn(3, 5, 4), torch.tensor([5, 2, 4])
+    with torch.no_grad():
+        program = torch.onnx.export(lstm, (x, None), kwargs={"lengths": lengths}, dynamo=True, verbose=False,
+                                    optimize=False)
+        expected = _tensors(lstm(x, lengths=lengths))
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    outputs = session.run(None, dict(zip(names, (x.numpy(), lengths.numpy()))))
+    assert [o.shape for o in outputs] == [(3, 5, 6), (2, 3, 3), (2, 3, 6)]
+    for ours, theirs in zip(outputs, expected):
+        torch.testing.assert_close(torch.from_numpy(ours), theirs)
