@@ -202,3 +202,18 @@ def test_patched_model_under_torch_compile():
     with torch._dynamo.config.patch(allow_rnn=True):
         _compiled_matches_eager(model, x, fullgraph=True)
     torch._dynamo.reset()
+
+
+def test_patched_projected_lstm_reads_as_nn():
+    """What LSTMP clients read: proj_size, h of size P, weight_hr in all_weights and _flat_weights."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 5, proj_size=2, bidirectional=True)
+    reference = copy.deepcopy(lstm)
+    patch(lstm, backend="torch")
+    assert lstm.proj_size == 2 and [len(ws) for ws in lstm.all_weights] == [5, 5]
+    assert lstm.all_weights[1][4] is lstm.weight_hr_l0_reverse and lstm._flat_weights[-1] is lstm.weight_hr_l0_reverse
+    x = torch.randn(4, 2, 3)
+    out, (h, c) = lstm(x)
+    assert h.shape == (2, 2, 2) and c.shape == (2, 2, 5)
+    for ours, theirs in zip((out, h, c), (reference(x)[0], *reference(x)[1])):
+        torch.testing.assert_close(ours, theirs)
