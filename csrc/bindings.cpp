@@ -65,8 +65,9 @@ std::string shape_str(at::IntArrayRef sizes) {
 }
 
 bool dtype_supported(const at::Device& device, at::ScalarType t) {
-  if (device.is_cpu()) return t == at::kFloat || t == at::kDouble;
-  if (device.is_cuda()) return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  const bool half_types = t == at::kHalf || t == at::kBFloat16;  // computed in float32 on both
+  if (device.is_cpu()) return t == at::kFloat || t == at::kDouble || half_types;
+  if (device.is_cuda()) return t == at::kFloat || half_types;
   return false;
 }
 
@@ -96,7 +97,7 @@ class Args {
                       " is a CUDA tensor but fused_s2s._C was built without CUDA kernels");
     TORCH_CHECK_TYPE(dtype_supported(device_, dtype_), op_, ": ", first_name_, " has dtype ",
                      dtype_name(dtype_), ", not supported on ", device_.type() == at::kCPU ? "CPU" : "CUDA",
-                     device_.is_cpu() ? " (float32, float64)" : " (float32, float16, bfloat16)");
+                     device_.is_cpu() ? " (float32, float64, float16, bfloat16)" : " (float32, float16, bfloat16)");
   }
 
   // A floating tensor of the call's dtype with exactly this shape.

@@ -6,7 +6,7 @@ A backend is a module exposing the eight primitives of the kernel contract
 | name     | module                        | runs on                                          |
 |----------|-------------------------------|--------------------------------------------------|
 | `torch`  | fused_s2s.backend_torch       | anywhere (plain PyTorch ops)                     |
-| `cpp`    | fused_s2s._C (compiled)       | CPU (float32/64) and, when built with CUDA, GPU  |
+| `cpp`    | fused_s2s._C (compiled)       | CPU (float32/64, bfloat16/float16) and, when built with CUDA, GPU |
 | `triton` | fused_s2s.triton_kernels      | CUDA tensors; CPU tensors under TRITON_INTERPRET=1 |
 
 Selection, first match wins: the `backend=` argument of a function or module, then
@@ -132,9 +132,9 @@ def unsupported_reason(name: str, op: str, device: torch.device, dtype: torch.dt
     if name == "torch":
         return None
     if name == "cpp":
-        if device.type == "cpu":
-            ok = dtype in (torch.float32, torch.float64)
-            return None if ok else f"cpp on CPU supports float32/float64, not {dtype}"
+        if device.type == "cpu":  # 16-bit types computed in float32
+            ok = dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            return None if ok else f"cpp on CPU supports float32/float64/bfloat16/float16, not {dtype}"
         if device.type == "cuda":
             if not getattr(module, "has_cuda", False):
                 return "the cpp extension was built without CUDA kernels"

@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from fused_s2s import _build, backend_torch as ref
-from conftest import assert_close_to_reference
+from conftest import HALF_TYPES, assert_close_to_reference
 
 HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None and not os.environ.get(
     "FUSED_S2S_NO_EXTENSION")
 pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler, or FUSED_S2S_NO_EXTENSION set")
 
-DTYPES = [torch.float64, torch.float32]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,7 @@ def compare(ours, ref64, plain=None, names=None):
     for i, (o, r) in enumerate(zip(ours, ref64)):
         name = names[i] if names else f"output {i}"
         p = plain[i] if plain is not None else None
+        assert p is None or o.dtype == p.dtype, f"{name}: dtype {o.dtype}, the contract's is {p.dtype}"
         inf = torch.isinf(r)
         if inf.any():
             assert torch.equal(o[inf], r[inf].to(o.dtype)), f"{name}: infinite entries differ"
@@ -67,6 +68,11 @@ def compare(ours, ref64, plain=None, names=None):
 
 def cast(tensors, dtype):
     return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+
+
+def acc(dtype):
+    """The accumulation dtype, which lse has: float32 for the 16-bit types."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 # ------------------------------------------------------------------------------------ cells
@@ -114,18 +120,51 @@ def test_cells_saturate_without_nan(C, dtype):
     h = randn(B, H, dtype=dtype)
     w = torch.zeros(3 * H, H, dtype=dtype)
     h_new, saved = C.gru_cell_fwd(gx, h, w, None)
-    compare([h_new, saved], ref.gru_cell_fwd(gx.double(), h.double(), w.double(), None))
+    compare([h_new, saved], ref.gru_cell_fwd(gx.double(), h.double(), w.double(), None),
+            ref.gru_cell_fwd(gx, h, w, None))
     gx4 = torch.cat([gx, gx[:, :H]], dim=1)
-    outs = C.lstm_cell_fwd(gx4, h, h, torch.zeros(4 * H, H, dtype=dtype), None)
-    compare(outs, ref.lstm_cell_fwd(gx4.double(), h.double(), h.double(),
-                                    torch.zeros(4 * H, H, dtype=torch.float64), None))
+    w4 = torch.zeros(4 * H, H, dtype=dtype)
+    outs = C.lstm_cell_fwd(gx4, h, h, w4, None)
+    compare(outs, ref.lstm_cell_fwd(*cast([gx4, h, h, w4], torch.float64), None), ref.lstm_cell_fwd(gx4, h, h, w4, None))
 
 
-def test_cells_propagate_nan(C):
-    gx = randn(2, 3 * 8, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cells_propagate_nan(C, dtype):
+    gx = randn(2, 3 * 8, dtype=dtype)
     gx[1, 3] = float("nan")
-    h_new, _ = C.gru_cell_fwd(gx, randn(2, 8, dtype=torch.float32), torch.zeros(24, 8), None)
+    h_new, _ = C.gru_cell_fwd(gx, randn(2, 8, dtype=dtype), torch.zeros(24, 8, dtype=dtype), None)
     assert torch.isnan(h_new[1, 3]) and not torch.isnan(h_new[0]).any()
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_16bit_results_are_the_float32_results_rounded(C, dtype):
+    """16-bit inputs widen exactly and the math runs in float32, so on the same values every
+    output is the float32 kernel's, rounded to nearest even once (as torch's .to rounds). The
+    cells' forward runs its recurrent GEMM in the input dtype: with w_hh = 0 it is exact."""
+    def same(inputs, fn, lse=()):  # lse: float32 in both calls
+        ours = fn(*cast(inputs, dtype), *lse)
+        want = fn(*cast(cast(inputs, dtype), torch.float32), *lse)
+        for i, (o, w) in enumerate(zip(ours, want)):
+            expected = w if o.dtype == torch.float32 else w.to(dtype)  # lse stays float32
+            assert o.dtype == expected.dtype and torch.equal(o, expected), f"{fn.__name__} output {i}"
+
+    B, H = 5, 33  # a full pack and a tail of every row
+    gx, h, c = randn(B, 4 * H, scale=3.0), randn(B, H), randn(B, H, seed=2)
+    g1, g2 = randn(B, H, seed=3), randn(B, H, seed=4)
+    _, saved = ref.gru_cell_fwd(gx[:, :3 * H], h, randn(3 * H, H), None)
+    same([gx[:, :3 * H].contiguous(), h, torch.zeros(3 * H, H), randn(3 * H)], C.gru_cell_fwd)
+    same([g1, h, saved], C.gru_cell_bwd)
+    _, c_new, saved = ref.lstm_cell_fwd(gx, h, c, randn(4 * H, H), None)
+    same([gx, h, c, torch.zeros(4 * H, H), randn(4 * H)], C.lstm_cell_fwd)
+    same([g1, g2, c, c_new, saved], C.lstm_cell_bwd)
+    q, k, v, values, mask, lengths, idx = attention_case("all")
+    context, weights, lse = ref.additive_attention_fwd(q, k, v, values, mask, lengths, idx)
+    same([q, k, v, values, mask, lengths, idx], C.additive_attention_fwd)
+    grads = [randn(*context.shape, seed=20), randn(*weights.shape, seed=21)]
+    same(grads + [q, k, v, values, mask, lengths, idx, weights], C.additive_attention_bwd, [lse.float()])
+    same([q, k, values, mask, lengths, idx, 0.37], C.dot_attention_fwd)
+    context, weights, lse = ref.dot_attention_fwd(q, k, values, mask, lengths, idx, 0.37)
+    same(grads + [q, k, values, mask, lengths, idx, 0.37, weights], C.dot_attention_bwd, [lse.float()])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -201,9 +240,9 @@ def test_additive_attention(C, dtype, case):
 
     bwd64 = [randn(*context.shape, seed=20), randn(*weights.shape, seed=21), q, k, v, values,
              mask, lengths, idx, weights, lse]
-    ours = C.additive_attention_bwd(*cast(bwd64[:-1], dtype), lse.to(dtype))
+    ours = C.additive_attention_bwd(*cast(bwd64[:-1], dtype), lse.to(acc(dtype)))
     compare(ours, ref.additive_attention_bwd(*bwd64),
-            ref.additive_attention_bwd(*cast(bwd64[:-1], dtype), lse.to(dtype)),
+            ref.additive_attention_bwd(*cast(bwd64[:-1], dtype), lse.to(acc(dtype))),
             ["dq", "dk", "dv", "dvalues"])
     for grad in ours:
         assert torch.isfinite(grad).all()
@@ -223,9 +262,9 @@ def test_dot_attention(C, dtype, case, scale):
 
     bwd64 = [randn(*context.shape, seed=22), randn(*weights.shape, seed=23), q, k, values, mask,
              lengths, idx, scale, weights, lse]
-    ours = C.dot_attention_bwd(*cast(bwd64[:-1], dtype), lse.to(dtype))
+    ours = C.dot_attention_bwd(*cast(bwd64[:-1], dtype), lse.to(acc(dtype)))
     compare(ours, ref.dot_attention_bwd(*bwd64),
-            ref.dot_attention_bwd(*cast(bwd64[:-1], dtype), lse.to(dtype)), ["dq", "dk", "dvalues"])
+            ref.dot_attention_bwd(*cast(bwd64[:-1], dtype), lse.to(acc(dtype))), ["dq", "dk", "dvalues"])
     for grad in ours:
         assert torch.isfinite(grad).all()
 
@@ -298,7 +337,7 @@ def _attn_args(dtype=torch.float32):
 
 
 BAD_GRU = [
-    ("h", dict(h=randn(4, 5, dtype=torch.float16)), TypeError),
+    ("h", dict(h=randn(4, 5, dtype=torch.int32)), TypeError),
     ("gx", dict(gx=randn(4, 15, dtype=torch.float64)), TypeError),
     ("w_hh", dict(w_hh=randn(15, 6, dtype=torch.float32)), ValueError),
     ("b_hh", dict(b_hh=randn(16, dtype=torch.float32)), ValueError),

@@ -167,5 +167,29 @@ inline Vec<T> tanh(Vec<T> x) {
   return Vec<T>((Raw)((Bits)t | ((Bits)x.v & sign_bit)));  // tanh is odd: copy x's sign
 }
 
+// bfloat16 packs: a bfloat16 is the upper half of a float's bits, so widening is a shift and
+// narrowing rounds the lower half away, to nearest even (as c10::BFloat16 does; NaN becomes
+// the quiet NaN 0x7FC0). Eight 16-bit lanes widen to one float pack.
+typedef uint16_t Bf16Raw __attribute__((vector_size(16)));
+typedef uint32_t U32Raw __attribute__((vector_size(32)));
+
+// The first n lanes from p, the others `fill`, which must be exact in bfloat16 (0, -inf).
+inline Vec<float> load_bf16(const uint16_t* p, int n, float fill) {
+  uint32_t fill_bits;
+  std::memcpy(&fill_bits, &fill, sizeof(fill));
+  Bf16Raw raw = Bf16Raw{} + static_cast<uint16_t>(fill_bits >> 16);
+  std::memcpy(&raw, p, sizeof(uint16_t) * n);
+  const U32Raw wide = __builtin_convertvector(raw, U32Raw) << 16;
+  return Vec<float>((Vec<float>::Raw)wide);
+}
+
+inline void store_bf16(Vec<float> x, uint16_t* p, int n) {
+  const U32Raw bits = (U32Raw)x.v;
+  const U32Raw rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const U32Raw nan = (U32Raw)(x.v != x.v);  // all bits set where x is NaN
+  const Bf16Raw out = __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), Bf16Raw);
+  std::memcpy(p, &out, sizeof(uint16_t) * n);
+}
+
 }  // namespace cpu
 }  // namespace fused_s2s
