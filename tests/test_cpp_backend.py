@@ -137,6 +137,24 @@ def test_cells_propagate_nan(C, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_16bit_conversions_of_every_value(C, dtype):
+    """Every 16-bit value widens exactly, and the float32 midpoint of any two rounds to nearest
+    even as torch rounds it: additive attention with equal scores averages two value rows."""
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    neighbours = (every.view(torch.int16) + 1).view(dtype)  # midpoints: ties, inf, NaN, subnormals
+    shuffled = every[torch.randperm(every.numel(), generator=torch.Generator().manual_seed(0))]
+    zeros = torch.zeros(1, 2, 1, dtype=dtype)
+    for other in (every, neighbours, shuffled):
+        values = torch.stack([every, other])[None]  # (1, Tk=2, Dv=65536)
+        context, weights, _ = C.additive_attention_fwd(zeros[:, :1], zeros, zeros[0, 0], values, None, None, None)
+        assert torch.equal(weights, torch.full_like(weights, 0.5))
+        want = (0.5 * every.float() + 0.5 * other.float()).to(dtype)
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(context[0, 0]), nan)
+        assert torch.equal(context[0, 0][~nan], want[~nan])  # (the sum starts at +0: -0 + -0 gives +0)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
 def test_16bit_results_are_the_float32_results_rounded(C, dtype):
     """16-bit inputs widen exactly and the math runs in float32, so on the same values every
     output is the float32 kernel's, rounded to nearest even once (as torch's .to rounds). The

@@ -1,7 +1,10 @@
 """Where users run models: autocast, determinism, NaN/Inf, huge sizes, and property-based
 checks of every backend against the reference over shapes, masks, dtypes and strides."""
+import warnings
+
 import pytest
 import torch
+from torch import nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -57,6 +60,48 @@ def test_autocast_runs_in_low_precision(device, dtype):
         for a, b in zip(got, expected):
             assert a.dtype == dtype  # (nn.LSTMCell under CPU autocast answers in float32)
             torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_cpu_autocast_bf16_runs_the_cpp_kernels():
+    """torch.autocast("cpu", bfloat16) with backend="cpp" (which refuses what it cannot run):
+    cells, layers, attention and the demo model run in bfloat16, near their float32 results,
+    with float32 parameter gradients; "auto" takes bfloat16 on CPU without a fallback warning."""
+    from fused_s2s.models import Seq2Seq, sequence_loss
+    torch.manual_seed(0)
+    x, h, packed_lengths = torch.randn(7, 3, 8), torch.randn(3, 16), torch.tensor([7, 2, 5])
+    modules = [fused_s2s.GRUCell(8, 16, backend="cpp"), fused_s2s.LSTMCell(8, 16, backend="cpp"),
+               fused_s2s.GRU(8, 16, num_layers=2, bidirectional=True, backend="cpp"),
+               fused_s2s.LSTM(8, 16, bidirectional=True, backend="cpp")]
+    calls = [lambda m: m(x[0], h), lambda m: m(x[0], (h, h))[0],
+             lambda m: m(nn.utils.rnn.pack_padded_sequence(x, packed_lengths, enforce_sorted=False))[0].data,
+             lambda m: m(x)[0]]
+    keys, query, mask = torch.randn(3, 9, 16, requires_grad=True), torch.randn(3, 16), torch.rand(3, 9) > 0.3
+    mask[:, 0] = True
+    for att in (fused_s2s.BahdanauAttention(16, 16, 12, backend="cpp"),
+                fused_s2s.LuongAttention(16, 16, backend="cpp"),
+                fused_s2s.LuongAttention(16, 16, score="general", backend="cpp")):
+        modules.append(att)
+        calls.append(lambda m: m(query, keys, mask=mask)[0])
+    for cell, attention in (("gru", "bahdanau"), ("lstm", "dot")):
+        model = Seq2Seq(20, 20, embedding_size=8, hidden_size=16, cell=cell, attention=attention, backend="cpp")
+        src, tgt = torch.randint(3, 20, (4, 6)), torch.randint(3, 20, (4, 5))
+        modules.append(model)
+        calls.append(lambda m, src=src, tgt=tgt: m(src, torch.tensor([6, 3, 5, 1]), tgt))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning on the way
+        for module, call in zip(modules, calls):
+            want = call(module)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = call(module)
+            assert got.dtype == torch.bfloat16, type(module).__name__
+            torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+            got.float().square().sum().backward()
+            assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
+        for op in backends.OPS:
+            backends.resolve("auto", op, torch.device("cpu"), torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sequence_loss(modules[-1](src, torch.tensor([6, 3, 5, 1]), tgt), tgt)
+        loss.backward()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

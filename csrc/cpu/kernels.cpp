@@ -93,9 +93,7 @@ inline Vec<acc_t<S>> load(const S* p, int n, acc_t<S> fill = 0) {
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     return load_bf16(reinterpret_cast<const uint16_t*>(p), n, fill);
   } else if constexpr (std::is_same_v<S, c10::Half>) {
-    float lanes[Vec<float>::kLanes];
-    for (int i = 0; i < Vec<float>::kLanes; ++i) lanes[i] = i < n ? static_cast<float>(p[i]) : fill;
-    return Vec<float>::load(lanes);
+    return load_f16(reinterpret_cast<const uint16_t*>(p), n, fill);
   } else {
     return Vec<S>::load(p, n, fill);
   }
@@ -107,9 +105,7 @@ inline void store(Vec<acc_t<S>> x, S* p, int n) {
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     store_bf16(x, reinterpret_cast<uint16_t*>(p), n);
   } else if constexpr (std::is_same_v<S, c10::Half>) {
-    float lanes[Vec<float>::kLanes];
-    x.store(lanes);
-    for (int i = 0; i < n; ++i) p[i] = c10::Half(lanes[i]);
+    store_f16(x, reinterpret_cast<uint16_t*>(p), n);
   } else {
     x.store(p, n);
   }

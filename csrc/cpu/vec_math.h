@@ -191,5 +191,43 @@ inline void store_bf16(Vec<float> x, uint16_t* p, int n) {
   std::memcpy(p, &out, sizeof(uint16_t) * n);
 }
 
+// float16 packs, in integer and float arithmetic (F16C is not part of the AVX2 clone).
+// Widening: a normal half is its exponent and mantissa bits moved into place and rescaled by
+// 2^(127 - 15); a subnormal m * 2^-24 is (0.5 + m * 2^-24) - 0.5, built from its bits; inf and
+// NaN keep their mantissa under an all-ones exponent. All exact.
+inline Vec<float> load_f16(const uint16_t* p, int n, float fill) {
+  using Raw = Vec<float>::Raw;
+  const uint16_t fill_bits = fill == 0.0f ? 0 : 0xFC00;  // fill: 0 or -inf
+  Bf16Raw raw = Bf16Raw{} + fill_bits;
+  std::memcpy(&raw, p, sizeof(uint16_t) * n);
+  const U32Raw h = __builtin_convertvector(raw, U32Raw);
+  const U32Raw sign = (h & 0x8000u) << 16, em = h & 0x7FFFu;
+  const U32Raw normal = (U32Raw)((Raw)(em << 13) * 0x1p112f);
+  const U32Raw subnormal = (U32Raw)((Raw)(em | 0x3F000000u) - 0.5f);
+  const U32Raw special = (em << 13) | 0x7F800000u;
+  U32Raw bits = (U32Raw)(em < 0x400u) & subnormal;
+  bits |= (U32Raw)((em >= 0x400u) & (em < 0x7C00u)) & normal;
+  bits |= (U32Raw)(em >= 0x7C00u) & special;
+  return Vec<float>((Raw)(bits | sign));
+}
+
+// Narrowing, to nearest even: normal halves round their mantissa in integer arithmetic (a
+// carry moves into the exponent); subnormals round in the float adder (x + 0.5 has the ulp
+// 2^-24 of half's subnormals); 65520 and above become inf; NaN becomes the quiet NaN 0x7E00.
+inline void store_f16(Vec<float> x, uint16_t* p, int n) {
+  using Raw = Vec<float>::Raw;
+  const U32Raw bits = (U32Raw)x.v;
+  const U32Raw sign = (bits >> 16) & 0x8000u, a = bits & 0x7FFFFFFFu;
+  const U32Raw rebased = a - 0x38000000u;  // exponent 127 -> 15
+  const U32Raw normal = (rebased + 0xFFFu + ((rebased >> 13) & 1u)) >> 13;
+  const U32Raw subnormal = (U32Raw)((Raw)a + 0.5f) - 0x3F000000u;
+  U32Raw h = (U32Raw)(a < 0x38800000u) & subnormal;
+  h |= (U32Raw)((a >= 0x38800000u) & (a < 0x477FF000u)) & normal;
+  h |= (U32Raw)((a >= 0x477FF000u) & (a <= 0x7F800000u)) & 0x7C00u;
+  h |= (U32Raw)(a > 0x7F800000u) & 0x7E00u;
+  const Bf16Raw out = __builtin_convertvector(h | sign, Bf16Raw);
+  std::memcpy(p, &out, sizeof(uint16_t) * n);
+}
+
 }  // namespace cpu
 }  // namespace fused_s2s
