@@ -126,9 +126,10 @@ inline void axpy_row(acc_t<S>* y, acc_t<S> alpha, const S* x, int64_t n) {
   });
 }
 
-// A working row in acc_t<S> for an output row of S: the output row itself when S is the
-// accumulation type, else a buffer (one per parallel task, reused row after row) that
-// `done` rounds into the output row. Sums over keys or rows thus round to 16 bits once.
+// A working row in acc_t<S> for a row of S: the row itself when S is the accumulation type,
+// else a buffer (one per parallel task, reused row after row) that `done` rounds into an
+// output row (sums over keys or rows thus round to 16 bits once) or `widen` fills from an
+// input row.
 template <typename S>
 class AccRow {
  public:
@@ -140,6 +141,17 @@ class AccRow {
       return buffer_.data();
     } else {
       return out;
+    }
+  }
+  // in[0, n) in acc_t<S>: `in` itself when S is the accumulation type, else widened into the
+  // buffer (for a row read many times).
+  const T* widen(const S* in, int64_t n) {
+    if constexpr (kNarrow<S>) {
+      T* row = begin(nullptr, n);
+      for_each_pack<T>(n, [&](int64_t j, int w) { load(in + j, w).store(row + j, w); });
+      return row;
+    } else {
+      return in;
     }
   }
   void done(const T* row, S* out, int64_t n) const {
@@ -368,11 +380,12 @@ FS2S_ROW_KERNEL void additive_fwd_rows(const AttentionArgs<S>& a, int64_t begin,
   using T = acc_t<S>;
   using V = Vec<T>;
   const int64_t tk = a.src.tk, A = a.d, dv = a.dv;
-  AccRow<S> weights_row, context_row;
+  AccRow<S> weights_row, context_row, q_row, v_row;
+  const T* v = v_row.widen(a.v, A);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = a.src.key_row(r / a.tq);
     const int64_t n_keys = a.src.end(b);
-    const S* q = a.q + r * A;
+    const T* q = q_row.widen(a.q + r * A, A);
     const S* k = a.k + b * tk * A;
     const S* values = a.values + b * tk * dv;
     T* w = weights_row.begin(a.weights + r * tk, tk);
@@ -383,7 +396,7 @@ FS2S_ROW_KERNEL void additive_fwd_rows(const AttentionArgs<S>& a, int64_t begin,
       }
       V acc(T(0));
       for_each_pack<T>(A, [&](int64_t j, int n) {
-        acc += load(a.v + j, n) * tanh(load(q + j, n) + load(k + s * A + j, n));
+        acc += V::load(v + j, n) * tanh(V::load(q + j, n) + load(k + s * A + j, n));
       });
       w[s] = acc.sum();
     }
@@ -448,7 +461,8 @@ FS2S_ROW_KERNEL void additive_scores_bwd_rows(const AttentionArgs<S>& a, int64_t
   using T = acc_t<S>;
   using V = Vec<T>;
   const int64_t tk = a.src.tk, A = a.d, tq = a.tq;
-  AccRow<S> dq_rows, dk_rows;
+  AccRow<S> dq_rows, dk_rows, q_row, v_row;
+  const T* v = v_row.widen(a.v, A);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t b = a.src.key_row(i);
     const int64_t n_keys = a.src.end(b);
@@ -460,7 +474,7 @@ FS2S_ROW_KERNEL void additive_scores_bwd_rows(const AttentionArgs<S>& a, int64_t
     std::fill(dk, dk + tk * A, T(0));
     std::fill(dv, dv + A, T(0));
     for (int64_t t = 0; t < tq; ++t) {
-      const S* q = a.q + (i * tq + t) * A;
+      const T* q = q_row.widen(a.q + (i * tq + t) * A, A);
       const T* ds_row = a.d_scores + (i * tq + t) * tk;
       T* dq_t = dq + t * A;
       for (int64_t s = 0; s < n_keys; ++s) {
@@ -468,8 +482,8 @@ FS2S_ROW_KERNEL void additive_scores_bwd_rows(const AttentionArgs<S>& a, int64_t
         if (ds == T(0)) continue;  // masked, or no gradient
         T* dk_s = dk + s * A;
         for_each_pack<T>(A, [&](int64_t j, int n) {
-          const V th = tanh(load(q + j, n) + load(k + s * A + j, n));  // recomputed
-          const V d_pre = V(ds) * load(a.v + j, n) * (V(T(1)) - th * th);
+          const V th = tanh(V::load(q + j, n) + load(k + s * A + j, n));  // recomputed
+          const V d_pre = V(ds) * V::load(v + j, n) * (V(T(1)) - th * th);
           (V::load(dq_t + j, n) + d_pre).store(dq_t + j, n);
           (V::load(dk_s + j, n) + d_pre).store(dk_s + j, n);
           (V::load(dv + j, n) + V(ds) * th).store(dv + j, n);
