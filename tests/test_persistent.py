@@ -379,6 +379,17 @@ def test_triton_functions_match_the_reference(cell, backend, device, dtype, shap
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("backend,device,dtype", [p for p in TRITON_CASES if p.values[2] == torch.float32])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_triton_lengths_outside_the_sequence_are_clamped(cell, backend, device, dtype, reverse,
+                                                          poison_uninitialized):
+    """Lengths past T run the whole sequence and negative ones none, as in the CUDA kernels (the
+    host range check is skipped under CUDA-graph capture, so the kernel itself must clamp): a
+    reversed row with a length past T starts from h0/c0 at step T-1, never from step T."""
+    check_parity(cell, 5, 4, 9, dtype, torch.tensor([5 + 3, -2, 1000, 2]), reverse, device=device, backend=backend)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend,device,dtype", [p for p in TRITON_CASES if p.values[2] == torch.float32])
 def test_triton_without_bias_missing_gradients_and_inference(cell, backend, device, dtype):
     check_parity(cell, 6, 5, 33, dtype, ragged(6, 5), True, bias=False, device=device, backend=backend)
     for used in ("out", "h_n", "c_n")[:2 if cell == "gru" else 3]:  # the others' gradients reach backward as None

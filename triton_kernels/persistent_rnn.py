@@ -60,14 +60,15 @@ def _gate_blocks(w_ptr, H, cols, IS_LSTM: tl.constexpr, TRANSPOSED: tl.constexpr
 @triton.jit
 def _program_tile(len_ptr, T, B, H, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """This program's batch rows and the hidden columns: (rows, cols, ok (rows x cols in
-    range), state offsets into a (B, H) tensor, each row's length (T without lengths))."""
+    range), state offsets into a (B, H) tensor, each row's length clamped to [0, T] (T without
+    lengths): a reversed row's first step is then t = len - 1 <= T - 1, never one past the end)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
     row_ok = rows < B
     ok = row_ok[:, None] & (cols < H)[None, :]
     lens = tl.full((BLOCK_B,), T, tl.int64)
     if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+        lens = tl.minimum(tl.maximum(tl.load(len_ptr + rows, mask=row_ok, other=0), 0), T)
     return rows, cols, ok, rows[:, None] * H + cols[None, :], lens
 
 
