@@ -20,7 +20,9 @@ import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fused_s2s import backend_torch as ref  # noqa: E402
+from fused_s2s import backend_torch as ref, backends  # noqa: E402
+
+backends.load("triton")  # fused_s2s.triton_kernels, from the source folder in an uninstalled checkout
 from fused_s2s import triton_kernels as tk  # noqa: E402
 from fused_s2s.triton_kernels import _attention, _common  # noqa: E402
 from fused_s2s.triton_kernels import additive_attention as additive_module  # noqa: E402
@@ -228,6 +230,29 @@ def test_dot_attention(device, dtype, case, scale):
              ["context", "weights", "lse"])
     grad_context, grad_weights = _attention_upstream(q, k.shape[1], values.shape[2])
     args = (grad_context, grad_weights, q, k, values, mask, lengths, kv_idx, scale, weights, lse)
+    _compare(_run(tk.dot_attention_bwd, *args), ref.dot_attention_bwd, args, ["dq", "dk", "dvalues"])
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("case", [(2, 1, 40, 7, 37, "mask_and_lengths", 3, 2), (2, 17, 21, 16, 37, "mask", None, 1)],
+                         ids=["decoder-step", "tl.dot-blocks"])
+def test_attention_values_wider_than_the_forward_keeps(device, dtype, case, monkeypatch):
+    """Values wider than MAX_FUSED_DV take the second pass (context = weights @ values) and the
+    softmax backward sums dC @ V.T over chunks of MAX_DV_CHUNK: here both limits are shrunk to
+    16 so that 37 values need that pass and three chunks."""
+    _require("dot_attention", device, dtype)
+    monkeypatch.setattr(_attention, "MAX_FUSED_DV", 16)
+    monkeypatch.setattr(_attention, "MAX_DV_CHUNK", 16)
+    q, k, values, mask, lengths, kv_idx, splits = _attention_inputs(case, device, dtype)
+    v = _randn(q.shape[2], device=device, dtype=dtype, seed=5)
+    grad_context, grad_weights = _attention_upstream(q, k.shape[1], values.shape[2])
+    fwd = _run(additive_module._forward, q, k, v, values, mask, lengths, kv_idx, splits)
+    _compare(fwd, ref.additive_attention_fwd, (q, k, v, values, mask, lengths, kv_idx), ["context", "weights", "lse"])
+    args = (grad_context, grad_weights, q, k, v, values, mask, lengths, kv_idx, fwd[1], fwd[2])
+    _compare(_run(tk.additive_attention_bwd, *args), ref.additive_attention_bwd, args, ["dq", "dk", "dv", "dvalues"])
+    fwd = _run(dot_module._forward, q, k, values, mask, lengths, kv_idx, 0.3, splits)
+    _compare(fwd, ref.dot_attention_fwd, (q, k, values, mask, lengths, kv_idx, 0.3), ["context", "weights", "lse"])
+    args = (grad_context, grad_weights, q, k, values, mask, lengths, kv_idx, 0.3, fwd[1], fwd[2])
     _compare(_run(tk.dot_attention_bwd, *args), ref.dot_attention_bwd, args, ["dq", "dk", "dvalues"])
 
 
@@ -467,14 +492,112 @@ def _compile_every_kernel_for_sm90():
     print(f"compiled {count} kernel variants for sm_90")
 
 
-def test_every_kernel_compiles_for_sm90():
+SM90_SHARED_BYTES = 227 * 1024  # the most shared memory a block of an H100/H200 may opt in to
+
+
+class _Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch, runs nothing."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def _compile_launch(kernel, args, kwargs, seen):
+    """Compile a recorded launch for sm_90 with every autotune config its pruning keeps (what
+    the autotuner may pick for these arguments); -> [(name, config, shared bytes)] of the
+    variants not in `seen` yet."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tuned = isinstance(kernel, triton.runtime.Autotuner)
+    fn = kernel.fn if tuned else kernel
+    named = dict(zip(fn.arg_names, args))
+    configs = [None]
+    if tuned:
+        prune = getattr(kernel, "early_config_prune", None)
+        configs = prune(kernel.configs, named, **kwargs) if prune else kernel.configs
+    pointer = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
+               torch.uint8: "*u8"}
+    results = []
+    for config in configs:
+        constexprs = {**kwargs, **(config.kwargs if config else {})}
+        num_warps = config.num_warps if config else constexprs.get("num_warps", 4)
+        signature, values = {}, {}
+        for param in fn.params:
+            name = param.name
+            if param.is_constexpr:
+                signature[name], values[(fn.arg_names.index(name),)] = "constexpr", constexprs[name]
+            elif isinstance(named[name], torch.Tensor):
+                signature[name] = pointer[named[name].dtype]
+            else:
+                signature[name] = "fp32" if isinstance(named[name], float) else "i32"
+        key = (fn.__name__, tuple(signature.values()), tuple(sorted(values.items())), num_warps)
+        if key in seen:
+            continue
+        seen.add(key)
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=values),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        results.append((fn.__name__, {k: v for k, v in constexprs.items() if k.startswith("BLOCK")},
+                        compiled.metadata.shared))
+    return results
+
+
+def _attention_shared_memory_for_sm90():
+    """Every attention kernel launch for values up to 4096 wide (queries one at a time and in
+    tl.dot blocks), with every config the autotuner may pick for it: the shared memory Triton
+    computes for the compiled kernel must fit an H100/H200, or the launch fails on the device
+    (triton.compile itself does not check the device's limit). float32 only: its tiles are the
+    largest, and the half types' products round the float32 operand to the half type."""
+    launches, seen, worst = [], set(), (0, None)
+    modules = (_attention, additive_module, dot_module)
+    kernels = {(m, n): getattr(m, n) for m in modules for n in dir(m) if n.endswith("_kernel")}
+    for (m, n), k in kernels.items():
+        setattr(m, n, _Recorder(k, launches))
+    try:
+        for dv in (4096, 256, 1000):  # the widest; the widest the forward keeps on chip; another
+            for tq in (1, 20):
+                for dtype in (torch.float32,):
+                    z = lambda *shape: torch.zeros(*shape, dtype=dtype, device="meta")  # noqa: E731
+                    q, k, v, values = z(2, tq, 64), z(2, 300, 64), z(64), z(2, 300, dv)
+                    upstream = (z(2, tq, dv), z(2, tq, 300), z(2, tq, 300),
+                                torch.zeros(2, tq, dtype=torch.float32, device="meta"))
+                    del launches[:]
+                    tk.additive_attention_fwd(q, k, v, values, None, None, None)
+                    tk.dot_attention_fwd(q, k, values, None, None, None, 1.0)
+                    tk.additive_attention_bwd(*upstream[:2], q, k, v, values, None, None, None, *upstream[2:])
+                    tk.dot_attention_bwd(*upstream[:2], q, k, values, None, None, None, 1.0, *upstream[2:])
+                    for launch in list(launches):
+                        for name, blocks, shared in _compile_launch(*launch, seen):
+                            where = f"{name} Dv={dv} Tq={tq} {dtype} {blocks}"
+                            assert shared <= SM90_SHARED_BYTES, f"{where}: {shared} bytes of shared memory"
+                            worst = max(worst, (shared, where), key=lambda w: w[0])
+    finally:
+        for (m, n), k in kernels.items():
+            setattr(m, n, k)
+    print(f"{len(seen)} attention kernel variants fit; the most shared memory: {worst[0]} bytes ({worst[1]})")
+
+
+def _run_real_triton(mode):
     env = dict(os.environ, TRITON_INTERPRET="0")  # real JIT functions, not the interpreter's
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "compile-sm90"], env=env, cwd=tests_dir,
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), mode], env=env, cwd=tests_dir,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "compiled" in result.stdout
+    return result.stdout
+
+
+def test_every_kernel_compiles_for_sm90():
+    assert "compiled" in _run_real_triton("compile-sm90")
+
+
+def test_attention_shared_memory_fits_sm90():
+    assert "variants fit" in _run_real_triton("shared-memory-sm90")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["compile-sm90"]:
     _compile_every_kernel_for_sm90()
+if __name__ == "__main__" and sys.argv[1:] == ["shared-memory-sm90"]:
+    _attention_shared_memory_for_sm90()

@@ -8,10 +8,15 @@ Forward, for a score function S (additive or dot):
      the normalised weights exp(score - max) / sum (exactly 0 where masked; a row with no
      valid position gets lse = -inf, zero weights and a zero context; a row with a NaN or
      +inf score is NaN throughout, as torch.softmax makes it).
+  Values wider than MAX_FUSED_DV do not fit on chip beside the scores (shared memory and
+  registers grow with the value block): then step 1 leaves them out, step 2 writes the float32
+  weights over the raw scores, and `_p_y_kernel` computes context = weights @ values with a
+  grid axis over value blocks.
 
 Backward, from the saved weights:
-  `_softmax_bwd_kernel`: dS = W * (dW - rowsum(W * dW)) * scale, dW = dC @ V.T + grad_weights,
-  into a float32 buffer; then per op dq (per query block, over keys) and dk (per key block,
+  `_softmax_bwd_kernel`: dS = W * (dW - rowsum(W * dW)) * scale, dW = dC @ V.T + grad_weights
+  (a loop over chunks of at most MAX_DV_CHUNK values, the reduction axis), into a float32
+  buffer; then per op dq (per query block, over keys) and dk (per key block,
   over queries); `_pt_x_kernel` computes dvalues = W.T @ dC (and dot's dk = dS.T @ q),
   `_p_y_kernel` dot's dq = dS @ k. No atomics: every output element has one owner.
 
@@ -27,26 +32,38 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, block, check, configs, mm, nonempty, num_programs_target
+from ._common import INTERPRETED, block, check, configs, dot_precision, mm, nonempty, num_programs_target
 
 DOT_ROWS = 16        # query block when tl.dot is used
 MIN_SPLIT_KEYS = 64  # fewest keys worth a split of their own
+MAX_FUSED_DV = 256   # widest values the forward kernels accumulate on chip (else a second pass)
+MAX_DV_CHUNK = 128   # widest chunk of values the softmax backward holds at a time
 
 
 def query_block(tq: int) -> int:
     return DOT_ROWS if tq >= DOT_ROWS else 1
 
 
+def tile_registers(config, block_t: int, block_dv: int, values_bytes: int) -> float:
+    """32-bit registers a thread of `config` needs for its tiles: the float32 (BLOCK_T, BLOCK_DV)
+    context, the (BLOCK_S, BLOCK_DV) values both as loaded and upcast to float32, their float32
+    broadcast product when a query block of one multiplies without tl.dot, and the (BLOCK_T,
+    BLOCK_S, BLOCK_F) additive scores."""
+    s, f = config.kwargs["BLOCK_S"], config.kwargs.get("BLOCK_F", 1)
+    values = s * block_dv * (1 + values_bytes / 4)
+    product = s * block_dv if block_t == 1 else 0
+    return (block_t * block_dv + values + product + block_t * s * f) / (32 * config.num_warps)
+
+
 def _prune_large_tiles(configs_, named_args, **kwargs):
-    """Drop configs whose register tiles (the (BLOCK_T, BLOCK_DV) context, the (BLOCK_S, BLOCK_DV)
-    values, the (BLOCK_T, BLOCK_S, BLOCK_F) additive scores) exceed 128 elements a thread:
-    past that, ptxas spills on sm_90. Keeps at least the lightest config."""
+    """Drop configs needing more than 128 tile registers a thread (tile_registers): past that,
+    ptxas spills on sm_90. Keeps at least the lightest config."""
     args = {**named_args, **kwargs}
-    t, dv = args.get("BLOCK_T", 1), args.get("BLOCK_DV", 0)
+    values = args.get("values_ptr")
+    values_bytes = values.element_size() if isinstance(values, torch.Tensor) else 4
 
     def per_thread(c):
-        s, f = c.kwargs["BLOCK_S"], c.kwargs.get("BLOCK_F", 1)
-        return (t * dv + s * dv + t * s * f) / (32 * c.num_warps)
+        return tile_registers(c, args.get("BLOCK_T", 1), args.get("BLOCK_DV", 0), values_bytes)
     kept = [c for c in configs_ if per_thread(c) <= 128]
     return kept or [min(configs_, key=per_thread)]
 
@@ -87,9 +104,11 @@ def kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX: tl.constexpr, 
 @triton.jit
 def softmax_block(scores, i, kv, ts, t_ok, ss, end, m, l, acc, ds, d_ok, Tq, Tk, Dv,
                   scores_ptr, values_ptr, mask_ptr,
-                  HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                  FUSED_VALUES: tl.constexpr):
     """Mask one (BLOCK_T, BLOCK_S) block of raw scores, store it, and fold it into the online
-    softmax state (m, l, acc) together with its values. Returns the new state."""
+    softmax state (m, l, acc) together with its values (FUSED_VALUES; else acc stays as it is).
+    Returns the new state."""
     s_ok = ss < end
     valid = s_ok
     if HAS_MASK:
@@ -102,26 +121,30 @@ def softmax_block(scores, i, kv, ts, t_ok, ss, end, m, l, acc, ds, d_ok, Tq, Tk,
     shift_new = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
     alpha = tl.where(m == float("-inf"), 0.0, tl.exp(shift_old - shift_new))  # l, acc are 0 then
     p = tl.exp(scores - shift_new[:, None])
-    values = tl.load(values_ptr + (kv * Tk + ss)[:, None] * Dv + ds[None, :],
-                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     l = l * alpha + tl.sum(p, axis=1)
-    acc = mm(p, values, acc * alpha[:, None], USE_DOT, PRECISION)
+    if FUSED_VALUES:
+        values = tl.load(values_ptr + (kv * Tk + ss)[:, None] * Dv + ds[None, :],
+                         mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = mm(p, values, acc * alpha[:, None], USE_DOT, PRECISION)
     return m_new, l, acc
 
 
 @triton.jit
-def store_split(i, ts, t_ok, split, m, l, acc, ds, d_ok, Tq, Dv, NUM_SPLITS, m_ptr, l_ptr, acc_ptr):
+def store_split(i, ts, t_ok, split, m, l, acc, ds, d_ok, Tq, Dv, NUM_SPLITS, m_ptr, l_ptr, acc_ptr,
+                FUSED_VALUES: tl.constexpr):
     part = (i * Tq + ts) * NUM_SPLITS + split
     tl.store(m_ptr + part, m, mask=t_ok)
     tl.store(l_ptr + part, l, mask=t_ok)
-    tl.store(acc_ptr + part[:, None] * Dv + ds[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
+    if FUSED_VALUES:
+        tl.store(acc_ptr + part[:, None] * Dv + ds[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, scores_ptr, lengths_ptr, kv_idx_ptr,
                     context_ptr, weights_ptr, lse_ptr, Tq, Tk, Dv, NUM_SPLITS,
-                    HAS_LENGTHS: tl.constexpr, HAS_KV_IDX: tl.constexpr,
+                    HAS_LENGTHS: tl.constexpr, HAS_KV_IDX: tl.constexpr, FUSED_VALUES: tl.constexpr,
                     BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Without FUSED_VALUES: no context here; the float32 weights replace the raw scores."""
     row = tl.program_id(0)  # flattened (query row, query)
     kv, kv_len = kv_row_and_length(row // Tq, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
     splits = tl.arange(0, BLOCK_SPLITS)
@@ -137,19 +160,22 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, scores_ptr, lengths_ptr, kv_idx_ptr,
     norm = tl.where(total < float("inf"), total, float("nan"))
     norm = tl.where(total == 0.0, 1.0, norm)  # no valid position: weights and context 0
     tl.store(lse_ptr + row, tl.where(total == 0.0, float("-inf"), shift + tl.log(norm)))
-    for d0 in range(0, Dv, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_ok = ds < Dv
-        acc = tl.load(acc_ptr + (row * NUM_SPLITS + splits)[:, None] * Dv + ds[None, :],
-                      mask=split_ok[:, None] & d_ok[None, :], other=0.0)
-        context = tl.sum(acc * split_scale[:, None], axis=0) / norm
-        tl.store(context_ptr + row * Dv + ds, context.to(context_ptr.dtype.element_ty), mask=d_ok)
+    if FUSED_VALUES:
+        for d0 in range(0, Dv, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < Dv
+            acc = tl.load(acc_ptr + (row * NUM_SPLITS + splits)[:, None] * Dv + ds[None, :],
+                          mask=split_ok[:, None] & d_ok[None, :], other=0.0)
+            context = tl.sum(acc * split_scale[:, None], axis=0) / norm
+            tl.store(context_ptr + row * Dv + ds, context.to(context_ptr.dtype.element_ty), mask=d_ok)
     # exp(s - max) / sum rather than exp(s - lse): exact for the largest scores
     for s0 in range(0, Tk, BLOCK_K):
         ss = s0 + tl.arange(0, BLOCK_K)
         scores = tl.load(scores_ptr + row * Tk + ss, mask=ss < kv_len, other=float("-inf"))
         weights = tl.exp(scores - shift) / norm
         tl.store(weights_ptr + row * Tk + ss, weights.to(weights_ptr.dtype.element_ty), mask=ss < Tk)
+        if not FUSED_VALUES:  # each program reads back only what it wrote itself, same layout
+            tl.store(scores_ptr + row * Tk + ss, weights, mask=ss < Tk)
 
 
 @triton.autotune(configs=KEY_CONFIGS, key=["BLOCK_T", "TK_BUCKET", "Dv"], prune_configs_by=PRUNE)
@@ -159,27 +185,29 @@ def _softmax_bwd_kernel(grad_context_ptr, grad_weights_ptr, weights_ptr, values_
                         HAS_LENGTHS: tl.constexpr, HAS_KV_IDX: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
     """d_scores = scale * W * (dW - rowsum(W * dW)), dW = dC @ V.T + grad_weights, for positions
-    below the row's length (the consumers treat the rest as 0)."""
+    below the row's length (the consumers treat the rest as 0). dC @ V.T sums over Dv in chunks
+    of BLOCK_DV."""
     i, tb = tl.program_id(0), tl.program_id(1)
     kv, kv_len = kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
     ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = ts < Tq
-    ds = tl.arange(0, BLOCK_DV)
-    d_ok = ds < Dv
-    grad_context = tl.load(grad_context_ptr + (i * Tq + ts)[:, None] * Dv + ds[None, :],
-                           mask=t_ok[:, None] & d_ok[None, :], other=0.0)
     row_base = (i * Tq + ts) * Tk
     delta = tl.zeros((BLOCK_T,), dtype=tl.float32)
     # pass 1: dW into the buffer, and its weighted row sum
     for s0 in range(0, kv_len, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
         s_ok = ss < kv_len
-        values = tl.load(values_ptr + (kv * Tk + ss)[:, None] * Dv + ds[None, :],
-                         mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         ok = t_ok[:, None] & s_ok[None, :]
         at = row_base[:, None] + ss[None, :]
-        d_w = mm(grad_context, tl.trans(values), tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32),
-                 BLOCK_T >= 16, PRECISION)
+        d_w = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+        for d0 in range(0, Dv, BLOCK_DV):
+            ds = d0 + tl.arange(0, BLOCK_DV)
+            d_ok = ds < Dv
+            grad_context = tl.load(grad_context_ptr + (i * Tq + ts)[:, None] * Dv + ds[None, :],
+                                   mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            values = tl.load(values_ptr + (kv * Tk + ss)[:, None] * Dv + ds[None, :],
+                             mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            d_w = mm(grad_context, tl.trans(values), d_w, BLOCK_T >= 16, PRECISION)
         d_w += tl.load(grad_weights_ptr + at, mask=ok, other=0.0).to(tl.float32)
         w = tl.load(weights_ptr + at, mask=ok, other=0.0).to(tl.float32)
         delta += tl.sum(w * d_w, axis=1)
@@ -263,6 +291,7 @@ class Problem(NamedTuple):
     has_lengths: bool
     has_kv_idx: bool
     block_t: int
+    fused_values: bool  # the forward accumulates the context on chip (Dv <= MAX_FUSED_DV)
 
 
 def problem(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor],
@@ -287,7 +316,14 @@ def problem(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, mask: Option
                    placeholder if mask is None else nonempty(mask.view(torch.uint8)),
                    placeholder if lengths is None else nonempty(lengths),
                    placeholder if kv_batch_idx is None else nonempty(kv_batch_idx),
-                   mask is not None, lengths is not None, kv_batch_idx is not None, query_block(Tq))
+                   mask is not None, lengths is not None, kv_batch_idx is not None, query_block(Tq),
+                   values.shape[2] <= MAX_FUSED_DV)
+
+
+def value_block(pb: Problem) -> int:
+    """BLOCK_DV of the forward kernels (the whole Dv, or a placeholder when the values are left
+    to the second pass)."""
+    return block(pb.Dv) if pb.fused_values else 16
 
 
 def key_splits(pb: Problem, device: torch.device, num_splits: Optional[int] = None):
@@ -314,18 +350,24 @@ def forward_buffers(q: torch.Tensor, pb: Problem, num_splits: int):
     """Raw float32 scores and the per-split online-softmax state (m, l, acc)."""
     rows = pb.Bq * pb.Tq
     f32 = dict(dtype=torch.float32, device=q.device)
+    acc = torch.empty(rows, num_splits, max(pb.Dv, 1), **f32) if pb.fused_values else torch.empty(1, **f32)
     return (torch.empty(rows, pb.Tk, **f32), torch.empty(rows, num_splits, **f32),
-            torch.empty(rows, num_splits, **f32), torch.empty(rows, num_splits, max(pb.Dv, 1), **f32))
+            torch.empty(rows, num_splits, **f32), acc)
 
 
-def combine(q: torch.Tensor, pb: Problem, num_splits: int, scores, m, l, acc):
+def combine(q: torch.Tensor, values: torch.Tensor, pb: Problem, num_splits: int, scores, m, l, acc):
+    """(context, weights, lse) from the forward kernel's splits; values wider than the forward
+    kernels take go through the second pass (context = float32 weights @ values)."""
     context = q.new_empty(pb.Bq, pb.Tq, pb.Dv)
     weights = q.new_empty(pb.Bq, pb.Tq, pb.Tk)
     lse = torch.empty(pb.Bq, pb.Tq, dtype=torch.float32, device=q.device)
     _combine_kernel[(pb.Bq * pb.Tq,)](
-        m, l, acc, scores, pb.lengths, pb.kv_idx, nonempty(context), weights, lse, pb.Tq, pb.Tk, pb.Dv, num_splits,
-        HAS_LENGTHS=pb.has_lengths, HAS_KV_IDX=pb.has_kv_idx, BLOCK_SPLITS=block(num_splits, 1),
-        BLOCK_D=min(block(pb.Dv), 128), BLOCK_K=min(block(pb.Tk), 256 if not INTERPRETED else 16))
+        m, l, acc, scores, pb.lengths, pb.kv_idx, nonempty(context), weights, lse, pb.Tq, pb.Tk, pb.Dv,
+        num_splits, HAS_LENGTHS=pb.has_lengths, HAS_KV_IDX=pb.has_kv_idx, FUSED_VALUES=pb.fused_values,
+        BLOCK_SPLITS=block(num_splits, 1), BLOCK_D=min(block(pb.Dv), 128),
+        BLOCK_K=min(block(pb.Tk), 256 if not INTERPRETED else 16))
+    if not pb.fused_values:
+        context = p_y(scores, values, pb, q.dtype, dot_precision())
     return context, weights, lse
 
 
@@ -337,7 +379,7 @@ def softmax_bwd(grad_context, grad_weights, weights, values, pb: Problem, scale:
         nonempty(grad_context), grad_weights, weights, nonempty(values),
         pb.lengths, pb.kv_idx, d_scores, float(scale), pb.Tq, pb.Tk, pb.Dv, block(pb.Tk),
         HAS_LENGTHS=pb.has_lengths, HAS_KV_IDX=pb.has_kv_idx, PRECISION=precision,
-        BLOCK_T=pb.block_t, BLOCK_DV=block(pb.Dv))
+        BLOCK_T=pb.block_t, BLOCK_DV=min(block(pb.Dv), MAX_DV_CHUNK))
     return d_scores
 
 

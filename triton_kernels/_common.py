@@ -54,9 +54,14 @@ def mm(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b, accumulated in float32. USE_DOT: tl.dot (every block dim >= 16 on a GPU);
     otherwise a broadcast product and a sum, for blocks of one query (a dimension of 1)."""
     if USE_DOT:
-        if a.dtype != b.dtype:  # e.g. float32 probabilities times half values: in float32
-            acc = _dot(a.to(tl.float32), b.to(tl.float32), acc, PRECISION)
-        elif a.dtype == tl.float32:
+        # float32 weights or score gradients times half values/keys: the float32 operand is
+        # rounded to the half type (as torch's half computation rounds the weights), so that
+        # the product runs on tensor cores instead of as a float32 FMA loop
+        if a.dtype != b.dtype and a.dtype == tl.float32:
+            a = a.to(b.dtype)
+        elif a.dtype != b.dtype and b.dtype == tl.float32:
+            b = b.to(a.dtype)
+        if a.dtype == tl.float32:
             acc = _dot(a, b, acc, PRECISION)
         else:  # half/bfloat16 products are exact in the float32 accumulator
             acc = tl.dot(a, b, acc)

@@ -21,7 +21,7 @@ def _dot_attention_fwd_kernel(q_ptr, k_ptr, values_ptr, mask_ptr, lengths_ptr, k
                               scores_ptr, m_ptr, l_ptr, acc_ptr,
                               scale, Tq, Tk, D, Dv, SPLIT_LEN, NUM_SPLITS, TK_BUCKET,
                               HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KV_IDX: tl.constexpr,
-                              PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              FUSED_VALUES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
                               BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr):
     i, tb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv, kv_len = att.kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
@@ -46,8 +46,10 @@ def _dot_attention_fwd_kernel(q_ptr, k_ptr, values_ptr, mask_ptr, lengths_ptr, k
                           other=0.0)
             scores = mm(q, k_t, scores, BLOCK_T >= 16, PRECISION)
         m, l, acc = att.softmax_block(scores * scale, i, kv, ts, t_ok, ss, end, m, l, acc, ds, d_ok, Tq, Tk, Dv,
-                                      scores_ptr, values_ptr, mask_ptr, HAS_MASK, BLOCK_T >= 16, PRECISION)
-    att.store_split(i, ts, t_ok, split, m, l, acc, ds, d_ok, Tq, Dv, NUM_SPLITS, m_ptr, l_ptr, acc_ptr)
+                                      scores_ptr, values_ptr, mask_ptr, HAS_MASK, BLOCK_T >= 16, PRECISION,
+                                      FUSED_VALUES)
+    att.store_split(i, ts, t_ok, split, m, l, acc, ds, d_ok, Tq, Dv, NUM_SPLITS, m_ptr, l_ptr, acc_ptr,
+                    FUSED_VALUES)
 
 
 def _forward(q: Tensor, k: Tensor, values: Tensor, mask: Optional[Tensor], lengths: Optional[Tensor],
@@ -65,8 +67,8 @@ def _forward(q: Tensor, k: Tensor, values: Tensor, mask: Optional[Tensor], lengt
         nonempty(q), nonempty(k), nonempty(values), pb.mask, pb.lengths, pb.kv_idx,
         scores, m, l, acc, float(scale), pb.Tq, pb.Tk, D, pb.Dv, split_len, num_splits, block(pb.Tk),
         HAS_MASK=pb.has_mask, HAS_LENGTHS=pb.has_lengths, HAS_KV_IDX=pb.has_kv_idx, PRECISION=dot_precision(),
-        BLOCK_T=pb.block_t, BLOCK_DV=block(pb.Dv))
-    return att.combine(q, pb, num_splits, scores, m, l, acc)
+        FUSED_VALUES=pb.fused_values, BLOCK_T=pb.block_t, BLOCK_DV=att.value_block(pb))
+    return att.combine(q, values, pb, num_splits, scores, m, l, acc)
 
 
 def dot_attention_fwd(q: Tensor, k: Tensor, values: Tensor, mask: Optional[Tensor], lengths: Optional[Tensor],
