@@ -287,6 +287,34 @@ def test_dot_attention(C, dtype, case, scale):
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("tk", [40, 300], ids=["one-split", "key-splits"])
+def test_attention_nan_and_inf_follow_the_reference(C, device, tk):
+    """A NaN or +inf score makes its whole row NaN (weights, context, lse, and the row's dq), as
+    torch.softmax does, instead of being taken for a fully masked row (zeros, lse = -inf). On
+    CUDA, 300 keys for 3 decoder steps are split over several blocks (the combine kernel)."""
+    q, k, values, v = randn(3, 1, 4, seed=1), randn(3, tk, 4, seed=2), randn(3, tk, 2, seed=3), randn(4, seed=4)
+    q[0, 0, 1] = float("nan")  # row 0: every score NaN
+    k[1, 5] = float("inf")
+    q[1, 0] = q[1, 0].abs()    # row 1: one +inf dot score (additive: tanh(inf) = 1, finite)
+    mask = torch.ones(3, tk, dtype=torch.bool)
+    mask[:, 7:9] = False
+    for fwd, bwd, extra, scale in ((C.additive_attention_fwd, C.additive_attention_bwd, (v,), ()),
+                                   (C.dot_attention_fwd, C.dot_attention_bwd, (), (1.0,))):
+        reference = (ref.additive_attention_fwd if extra else ref.dot_attention_fwd)(
+            q, k, *extra, values, mask, None, None, *scale)
+        args = [t.to(device, torch.float32) for t in (q, k, *extra, values)]
+        ours = fwd(*args, mask.to(device), None, None, *scale)
+        for name, o, r in zip(("context", "weights", "lse"), ours, reference):
+            o, r = o.cpu(), r.to(torch.float32)
+            assert torch.equal(torch.isnan(o), torch.isnan(r)), f"{name}: NaN pattern differs"
+            torch.testing.assert_close(o.nan_to_num(), r.nan_to_num(), msg=lambda m: f"{name}: {m}")
+        grads = bwd(torch.ones_like(ours[0]), torch.zeros_like(ours[1]), *args, mask.to(device), None, None,
+                    *scale, ours[1], ours[2])
+        dq = grads[0].cpu()
+        assert torch.isnan(dq[0]).all() and torch.isfinite(dq[2]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_padding_is_never_read(C, dtype):
     """Keys and values past a row's length may hold anything (here NaN): never read."""

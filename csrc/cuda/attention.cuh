@@ -92,13 +92,32 @@ __device__ __forceinline__ void score_keys(const float* q_s, const float* v_s, c
     for (int t = 0; t < QT; ++t) sc[j][t] = warp_sum(sc[j][t]);
 }
 
+// The running max while it is finite, else 0: the online softmax shifts by it, so that a NaN
+// or +inf score (which fmaxf and warp_max drop) still reaches the row sum as NaN or inf.
+__device__ __forceinline__ float finite_or_zero(float m) { return fabsf(m) < INFINITY ? m : 0.f; }
+
+// A row's lse and 1 / sum from its max m and l = sum exp(s - m): a row without a valid position
+// (l == 0) gets lse = -inf and weights 0; a NaN or +inf score (l NaN or inf) makes the whole row
+// NaN, as torch.softmax does.
+__device__ __forceinline__ void softmax_finish(float m, float l, float& lse, float& inv_l) {
+  if (l == 0.f) {
+    lse = -INFINITY, inv_l = 0.f;
+  } else if (!(l < INFINITY)) {
+    lse = NAN, inv_l = NAN;
+  } else {
+    lse = m + logf(l), inv_l = 1.f / l;
+  }
+}
+
 // weights[s] = exp(scores[s] - lse) for s < len, 0 elsewhere and for a row without valid
-// positions (lse = -inf). scores and weights may be the same buffer (float32 weights).
+// positions (lse = -inf), NaN throughout for a NaN row (lse NaN). scores and weights may be the
+// same buffer (float32 weights).
 template <typename T>
 __device__ void write_weights(const float* scores, T* weights, int64_t len_k, int64_t len, float lse) {
   const bool any = lse != -INFINITY;
+  const float past = lse == lse ? 0.f : lse;  // past the length: 0, or NaN in a NaN row
   for (int64_t s = threadIdx.x; s < len_k; s += blockDim.x)
-    weights[s] = from_float<T>(any && s < len ? expf(scores[s] - lse) : 0.f);
+    weights[s] = from_float<T>(!any ? 0.f : s < len ? expf(scores[s] - lse) : past);
 }
 
 // ---------------------------------------------------------------------------- forward
@@ -201,8 +220,9 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_fwd_kernel(const At
       const int t = warp;
       const float e = p_s[t * kKeyChunk + lane];
       const float m_new = fmaxf(m, warp_max(e));
-      const float prob = m_new == -INFINITY ? 0.f : expf(e - m_new);
-      const float alpha = m_new == -INFINITY ? 1.f : expf(m - m_new);
+      const float shift = finite_or_zero(m_new);
+      const float prob = expf(e - shift);  // 0 at a masked key (-inf), NaN/inf for a NaN/+inf score
+      const float alpha = m == -INFINITY ? 1.f : expf(finite_or_zero(m) - shift);  // l, acc are 0 until then
       l = l * alpha + warp_sum(prob);
       m = m_new;
       p_s[t * kKeyChunk + lane] = prob;
@@ -227,10 +247,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_fwd_kernel(const At
   }
 
   if (p.splits == 1) {  // the block saw every key: finish the rows
-    if (warp < QT && lane == 0) {
-      lse_s[warp] = l > 0.f ? m + logf(l) : -INFINITY;
-      alpha_s[warp] = l > 0.f ? 1.f / l : 0.f;
-    }
+    if (warp < QT && lane == 0) softmax_finish(m, l, lse_s[warp], alpha_s[warp]);
     __syncthreads();
     T* context = static_cast<T*>(p.context) + row0 * dim_v;
     T* weights = static_cast<T*>(p.weights) + row0 * len_k;
@@ -265,13 +282,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_combine_kernel(const A
 
   float m = -INFINITY;
   for (int j = 0; j < splits; ++j) m = fmaxf(m, part_m[j]);
+  const float shift = finite_or_zero(m);  // each split shifted by its own finite max, or 0
   for (int j = threadIdx.x; j < splits; j += blockDim.x)
-    factor_s[j] = part_m[j] == -INFINITY ? 0.f : expf(part_m[j] - m);
+    factor_s[j] = part_l[j] == 0.f ? 0.f : expf(finite_or_zero(part_m[j]) - shift);  // an empty split adds nothing
   __syncthreads();
   float l = 0.f;
   for (int j = 0; j < splits; ++j) l += part_l[j] * factor_s[j];
-  const float lse = l > 0.f ? m + logf(l) : -INFINITY;
-  const float inv_l = l > 0.f ? 1.f / l : 0.f;
+  float lse, inv_l;
+  softmax_finish(m, l, lse, inv_l);
 
   T* context = static_cast<T*>(p.context) + row * p.dim_v;
   const float* part_acc = p.part_acc + row * splits * p.dim_v;

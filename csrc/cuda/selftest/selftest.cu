@@ -146,7 +146,9 @@ void check(const std::string& what, const std::vector<float>& got, const std::ve
   for (size_t i = 0; i < got.size(); ++i) {
     const double g = got[i], r = ref[i];
     bool ok;
-    if (std::isinf(r) || std::isinf(g)) {
+    if (std::isnan(r)) {
+      ok = std::isnan(g);  // a NaN the reference propagates must come out NaN
+    } else if (std::isinf(r) || std::isinf(g)) {
       ok = g == r;
     } else {
       const double err = std::fabs(g - r);
@@ -298,6 +300,7 @@ struct AttnCase {
   int64_t bq, bk, tq, tk, dim, dim_v;
   bool mask, lengths, kv_idx, additive, approx;
   bool grad_context = true, grad_weights = true;
+  bool nan_query = false;  // a NaN in query step 0 of row 0: that row's scores are all NaN
 };
 
 void test_attention(DType d, const AttnCase& c, Rng& rng) {
@@ -306,11 +309,13 @@ void test_attention(DType d, const AttnCase& c, Rng& rng) {
                 c.additive ? "additive" : "dot", dtype_name(d), (long long)c.bq, (long long)c.bk, (long long)c.tq,
                 (long long)c.tk, (long long)c.dim, (long long)c.dim_v, c.mask ? " mask" : "",
                 c.lengths ? " lengths" : "", c.kv_idx ? " kv_idx" : "", c.approx ? " approx" : "");
+  if (c.nan_query) std::strncat(buf, " nan", sizeof buf - std::strlen(buf) - 1);
   const std::string name = buf;
   const int64_t bq = c.bq, bk = c.bk, tq = c.tq, tk = c.tk, D = c.dim, Dv = c.dim_v;
   const float scale = c.additive ? 1.f : 1.f / std::sqrt(static_cast<float>(D > 0 ? D : 1));
   const float qk_range = c.additive ? 1.5f : 1.f;
   auto q = random_values(rng, d, bq * tq * D, -qk_range, qk_range);
+  if (c.nan_query && !q.empty()) q[0] = NAN;
   auto kk = random_values(rng, d, bk * tk * D, -qk_range, qk_range);
   auto v = random_values(rng, d, D, -1.f, 1.f);
   auto values = random_values(rng, d, bk * tk * Dv, -1.f, 1.f);
@@ -362,6 +367,7 @@ void test_attention(DType d, const AttnCase& c, Rng& rng) {
     for (int64_t t = 0; t < tq; ++t) {
       const int64_t kb = kv_idx[i], row = i * tq + t;
       double m = -INFINITY;
+      bool nan_row = false;  // a valid NaN or +inf score: the whole row is NaN, as in torch.softmax
       for (int64_t s = 0; s < tk; ++s) {
         double e = 0.0;
         for (int64_t a = 0; a < D; ++a) {
@@ -369,7 +375,16 @@ void test_attention(DType d, const AttnCase& c, Rng& rng) {
           e += c.additive ? v[a] * std::tanh(qa + ka) : qa * ka;
         }
         sc[s] = c.additive ? e : e * scale;
-        if (valid(kb, s)) m = std::max(m, sc[s]);
+        if (valid(kb, s)) {
+          m = std::max(m, sc[s]);
+          nan_row |= std::isnan(sc[s]) || sc[s] == INFINITY;
+        }
+      }
+      if (nan_row) {
+        ref_lse[row] = NAN;
+        for (int64_t s = 0; s < tk; ++s) ref_w[row * tk + s] = NAN;
+        for (int64_t e = 0; e < Dv; ++e) ref_ctx[row * Dv + e] = NAN;
+        continue;
       }
       if (m == -INFINITY) continue;
       double l = 0.0;
@@ -416,14 +431,17 @@ void test_attention(DType d, const AttnCase& c, Rng& rng) {
   for (int64_t i = 0; i < bq; ++i)
     for (int64_t t = 0; t < tq; ++t) {
       const int64_t kb = kv_idx[i], row = i * tq + t;
+      // over the valid positions: elsewhere W is 0 (NaN in a NaN row, whose gradients are NaN
+      // there too, but the kernels never touch positions that are not valid)
       double delta = 0.0;
       for (int64_t s = 0; s < tk; ++s) {
         double dw = gW[row * tk + s];
         for (int64_t e = 0; e < Dv; ++e) dw += static_cast<double>(gC[row * Dv + e]) * values[(kb * tk + s) * Dv + e];
         ds[s] = dw;
-        delta += W[row * tk + s] * dw;
+        if (valid(kb, s)) delta += W[row * tk + s] * dw;
       }
       for (int64_t s = 0; s < tk; ++s) {
+        if (!valid(kb, s)) continue;
         const double w = W[row * tk + s], dsc = w * (ds[s] - delta);
         for (int64_t e = 0; e < Dv; ++e) ref_dvalues[(i * tk + s) * Dv + e] += w * gC[row * Dv + e];
         if (w == 0.0) continue;
@@ -482,6 +500,8 @@ int main(int argc, char** argv) {
           {2, 2, 0, 5, 4, 4, false, false, false, additive, false},             // no queries
           {4, 4, 1, 40, 24, 24, true, true, false, additive, false, false, true},  // grad_context absent
           {4, 4, 2, 40, 24, 24, true, false, false, additive, false, true, false}, // grad_weights absent
+          {3, 3, 2, 40, 16, 8, false, false, false, additive, false, true, true, true},  // NaN row
+          {2, 2, 1, 300, 16, 8, true, true, false, additive, false, true, true, true},   // NaN row, key splits
       };
       if (!quick) {
         cases.push_back({2, 2, 1, 4100, 64, 48, true, true, false, additive, false});  // long Tk, many splits
