@@ -91,7 +91,7 @@ def _fit_reason(mode: str, dtype: torch.dtype, device: torch.device, batch: int,
     if reason is not None:
         return reason
     if backend == "triton":  # one program per 16 batch rows, no plan: the hidden size decides
-        return module.persistent_reason(device, dtype, hidden)
+        return module.persistent_reason(device, dtype, hidden, cell, training)
     if device.type != "cuda":
         return f"the persistent kernels need CUDA tensors, got device {device}"
     if dtype not in _DTYPES:

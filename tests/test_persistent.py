@@ -427,3 +427,29 @@ def test_triton_bad_input_and_empty_sequences(backend, device, dtype):
         assert outputs["out"].shape == (0, 3, 9)
         torch.testing.assert_close(outputs["h_n"], layer["h0"].float())
         torch.testing.assert_close(grad["h0"], grads["h_n"].float())
+
+
+def test_triton_persistent_reason_checks_the_device_and_the_triton_version(monkeypatch):
+    """On CUDA the layer is refused, with the numbers, when a kernel needs more shared memory
+    than the device allows (the float32 LSTM backward at H = 64 needs ~148 KiB; sm_86/89 allow
+    99 KiB), and on a Triton version known to abort the process compiling it."""
+    from fused_s2s import triton_kernels as TK
+    from fused_s2s.triton_kernels import persistent_rnn as PR
+    cuda = torch.device("cuda", 0)
+    needs = {(PR._forward_kernel, True): 60_000, (PR._backward_kernel, True): 151_552}
+    monkeypatch.setattr(PR, "unsupported_reason", lambda *args: None)
+    monkeypatch.setattr(PR, "_shared_memory_limit", lambda index: 101_376)
+    monkeypatch.setattr(PR, "_shared_memory", lambda kernel, is_lstm, dtype, block_h, index:
+                        needs.get((kernel, is_lstm), 30_000) if dtype == torch.float32 and block_h == 64 else 30_000)
+    assert TK.persistent_reason(cuda, torch.float32, 64, "lstm", backward=False) is None
+    reason = TK.persistent_reason(cuda, torch.float32, 64, "lstm", backward=True)
+    assert reason == ("the Triton persistent LSTM backward at hidden size 64 in torch.float32 needs 151552 bytes "
+                      "of shared memory, the device allows 101376")
+    assert TK.persistent_reason(cuda, torch.bfloat16, 64, "lstm", backward=True) is None
+    assert PA._fit_reason("LSTM", torch.float32, cuda, 8, 64, True, backend="triton") == reason
+    assert PA._fit_reason("LSTM", torch.float32, cuda, 8, 64, False, backend="triton") is None
+    monkeypatch.setattr(PR.triton, "__version__", "3.9.0")
+    assert "Triton 3.9.0 aborts the process" in TK.persistent_reason(cuda, torch.float32, 33, "lstm", backward=True)
+    for args in ((torch.float32, 16, "lstm", True), (torch.float32, 33, "gru", True), (torch.float32, 33, "lstm", False),
+                 (torch.float16, 33, "lstm", True)):
+        assert TK.persistent_reason(cuda, *args) is None

@@ -416,82 +416,6 @@ def test_tf32_switch(device, dtype):
 
 # --------------------------------------------------------------------- the real GPU compile
 
-def _compile_every_kernel_for_sm90():
-    """Compile every kernel with every autotune config for sm_90 (Triton's compiler and
-    ptxas; no GPU needed): what the interpreter accepts but a GPU compile would reject (tl.dot
-    blocks < 16, type mismatches, unsupported casts) fails here. Each config gets one
-    (dtype, query block) combination, cycling so that every combination is compiled; each
-    kernel also compiles with all its sizes 1 (Triton specialises an integer argument equal
-    to 1 into a constant, which the interpreter never does)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from fused_s2s.triton_kernels import gru_cell, lstm_cell, persistent_rnn
-
-    float32_buffers = {"scores_ptr", "m_ptr", "l_ptr", "acc_ptr", "d_scores_ptr", "dv_part_ptr", "lse_ptr"}
-    index_args = {"lengths_ptr", "kv_idx_ptr", "len_ptr"}
-
-    def compile_one(kernel, dtype, p_dtype, constexprs, num_warps, sizes_one=False):
-        """sizes_one: every integer argument 1, which Triton's launcher turns into a constant."""
-        signature = {}
-        constexprs = dict(constexprs)
-        for param in kernel.params:
-            name = param.name
-            if param.is_constexpr:
-                signature[name] = "constexpr"
-            elif sizes_one and not name.endswith("_ptr") and name != "scale":
-                signature[name], constexprs[name] = "constexpr", 1
-            elif name == "mask_ptr":
-                signature[name] = "*u8"
-            elif name in index_args:
-                signature[name] = "*i64"
-            elif name in float32_buffers:
-                signature[name] = "*fp32"
-            elif name == "p_ptr":
-                signature[name] = "*" + p_dtype
-            elif name.endswith("_ptr"):
-                signature[name] = "*" + dtype
-            else:
-                signature[name] = "fp32" if name == "scale" else "i32"
-        # keys as (argument index,): what every Triton 3.x takes (newer ones also take names)
-        constexprs = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()
-                      if signature.get(n) == "constexpr"}
-        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-
-    flags = dict(HAS_MASK=True, HAS_LENGTHS=True, HAS_KV_IDX=True, HAS_BIAS=True, PRECISION="ieee",
-                 BLOCK_DV=64, BLOCK=1024, BLOCK_SPLITS=4, BLOCK_D=128, BLOCK_K=256)
-    combos = [("fp32", 16), ("bf16", 1), ("fp16", 16), ("fp32", 1), ("bf16", 16)]
-    tuned = [gru_cell._gru_cell_fwd_kernel, lstm_cell._lstm_cell_fwd_kernel,
-             additive_module._additive_attention_fwd_kernel, additive_module._additive_attention_bwd_dq_kernel,
-             additive_module._additive_attention_bwd_dk_kernel, dot_module._dot_attention_fwd_kernel,
-             _attention._softmax_bwd_kernel, _attention._pt_x_kernel, _attention._p_y_kernel]
-    count = 0
-    for kernel in tuned:
-        for n, config in enumerate(kernel.configs):
-            dtype, block_t = combos[n % len(combos)]
-            compile_one(kernel.fn, dtype, "fp32" if n % 2 else dtype,
-                        dict(flags, BLOCK_T=block_t, **config.kwargs), config.num_warps)
-            count += 1
-        config = kernel.configs[0]
-        compile_one(kernel.fn, "fp32", "fp32", dict(flags, BLOCK_T=1, **config.kwargs), config.num_warps, True)
-        count += 1
-    for kernel in (gru_cell._gru_cell_bwd_kernel, lstm_cell._lstm_cell_bwd_kernel, _attention._combine_kernel):
-        for dtype, sizes_one in (("fp32", False), ("bf16", False), ("fp16", True)):
-            compile_one(kernel, dtype, dtype, flags, 4, sizes_one)
-            count += 1
-    # the persistent layers: both cells and directions, every hidden block up to 64, each dtype
-    persistent_flags = dict(HAS_BIAS=True, HAS_LENGTHS=True, SAVE=True, HAS_GRAD_OUT=True, HAS_GRAD_H_N=True,
-                            HAS_GRAD_C_N=True, PRECISION="ieee", BLOCK_B=persistent_rnn.BLOCK_B)
-    for kernel in (persistent_rnn._forward_kernel, persistent_rnn._backward_kernel):
-        for n, (is_lstm, block_h) in enumerate((c, b) for c in (False, True) for b in (16, 32, 64)):
-            dtype, sizes_one = [("fp32", False), ("bf16", False), ("fp16", True)][n % 3]
-            compile_one(kernel, dtype, dtype, dict(persistent_flags, IS_LSTM=is_lstm, REVERSE=n % 2 == 1,
-                                                   BLOCK_H=block_h), 4 if block_h <= 32 else 8, sizes_one)
-            count += 1
-    print(f"compiled {count} kernel variants for sm_90")
-
-
 SM90_SHARED_BYTES = 227 * 1024  # the most shared memory a block of an H100/H200 may opt in to
 
 
@@ -505,99 +429,157 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
 
 
-def _compile_launch(kernel, args, kwargs, seen):
-    """Compile a recorded launch for sm_90 with every autotune config its pruning keeps (what
-    the autotuner may pick for these arguments); -> [(name, config, shared bytes)] of the
-    variants not in `seen` yet."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _record_every_launch():
+    """The launches the launchers make (kernel, args, kwargs) for every op, forward and
+    backward, in every dtype, for queries one at a time and in tl.dot blocks, values as wide as
+    the forward keeps on chip (the largest tiles) and 4096 wide (the second pass), every
+    persistent hidden block. Tensors are on the meta device: nothing is allocated or run."""
+    from fused_s2s.triton_kernels import gru_cell, lstm_cell, persistent_rnn
 
-    tuned = isinstance(kernel, triton.runtime.Autotuner)
-    fn = kernel.fn if tuned else kernel
-    named = dict(zip(fn.arg_names, args))
-    configs = [None]
-    if tuned:
-        prune = getattr(kernel, "early_config_prune", None)
-        configs = prune(kernel.configs, named, **kwargs) if prune else kernel.configs
-    pointer = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
-               torch.uint8: "*u8"}
-    results = []
-    for config in configs:
-        constexprs = {**kwargs, **(config.kwargs if config else {})}
-        num_warps = config.num_warps if config else constexprs.get("num_warps", 4)
-        signature, values = {}, {}
-        for param in fn.params:
-            name = param.name
-            if param.is_constexpr:
-                signature[name], values[(fn.arg_names.index(name),)] = "constexpr", constexprs[name]
-            elif isinstance(named[name], torch.Tensor):
-                signature[name] = pointer[named[name].dtype]
-            else:
-                signature[name] = "fp32" if isinstance(named[name], float) else "i32"
-        key = (fn.__name__, tuple(signature.values()), tuple(sorted(values.items())), num_warps)
-        if key in seen:
-            continue
-        seen.add(key)
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=values),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        results.append((fn.__name__, {k: v for k, v in constexprs.items() if k.startswith("BLOCK")},
-                        compiled.metadata.shared))
-    return results
-
-
-def _attention_shared_memory_for_sm90():
-    """Every attention kernel launch for values up to 4096 wide (queries one at a time and in
-    tl.dot blocks), with every config the autotuner may pick for it: the shared memory Triton
-    computes for the compiled kernel must fit an H100/H200, or the launch fails on the device
-    (triton.compile itself does not check the device's limit). float32 only: its tiles are the
-    largest, and the half types' products round the float32 operand to the half type."""
-    launches, seen, worst = [], set(), (0, None)
-    modules = (_attention, additive_module, dot_module)
+    modules = (_attention, additive_module, dot_module, gru_cell, lstm_cell, persistent_rnn)
     kernels = {(m, n): getattr(m, n) for m in modules for n in dir(m) if n.endswith("_kernel")}
+    launches = []
     for (m, n), k in kernels.items():
         setattr(m, n, _Recorder(k, launches))
+    no_device_check = persistent_rnn.unsupported_reason
+    persistent_rnn.unsupported_reason = lambda *args: None  # meta tensors
     try:
-        for dv in (4096, 256, 1000):  # the widest; the widest the forward keeps on chip; another
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            z = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt, device="meta")  # noqa: E731
+            index = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device="meta")  # noqa: E731
+            for B, H in ((5, 33),):  # every config: the shape does not choose
+                tk.gru_cell_fwd(z(B, 3 * H), z(B, H), z(3 * H, H), z(3 * H))
+                tk.gru_cell_bwd(z(B, H), z(B, H), z(B, 4 * H))
+                tk.lstm_cell_fwd(z(B, 4 * H), z(B, H), z(B, H), z(4 * H, H), z(4 * H))
+                tk.lstm_cell_bwd(z(B, H), z(B, H), z(B, H), z(B, H), z(B, 4 * H))
             for tq in (1, 20):
-                for dtype in (torch.float32,):
-                    z = lambda *shape: torch.zeros(*shape, dtype=dtype, device="meta")  # noqa: E731
-                    q, k, v, values = z(2, tq, 64), z(2, 300, 64), z(64), z(2, 300, dv)
-                    upstream = (z(2, tq, dv), z(2, tq, 300), z(2, tq, 300),
-                                torch.zeros(2, tq, dtype=torch.float32, device="meta"))
-                    del launches[:]
-                    tk.additive_attention_fwd(q, k, v, values, None, None, None)
-                    tk.dot_attention_fwd(q, k, values, None, None, None, 1.0)
-                    tk.additive_attention_bwd(*upstream[:2], q, k, v, values, None, None, None, *upstream[2:])
-                    tk.dot_attention_bwd(*upstream[:2], q, k, values, None, None, None, 1.0, *upstream[2:])
-                    for launch in list(launches):
-                        for name, blocks, shared in _compile_launch(*launch, seen):
-                            where = f"{name} Dv={dv} Tq={tq} {dtype} {blocks}"
-                            assert shared <= SM90_SHARED_BYTES, f"{where}: {shared} bytes of shared memory"
-                            worst = max(worst, (shared, where), key=lambda w: w[0])
+                for dv in (_attention.MAX_FUSED_DV, 4096):  # the widest on chip, and the second pass
+                    q, k, v, values, lengths = z(2, tq, 64), z(2, 300, 64), z(64), z(2, 300, dv), index(2)
+                    mask = torch.zeros(2, 300, dtype=torch.bool, device="meta")
+                    upstream = (z(2, tq, dv), z(2, tq, 300), z(2, tq, 300), z(2, tq, dt=torch.float32))
+                    tk.additive_attention_fwd(q, k, v, values, mask, lengths, index(2))
+                    tk.dot_attention_fwd(q, k, values, mask, lengths, index(2), 1.0)
+                    tk.additive_attention_bwd(*upstream[:2], q, k, v, values, mask, lengths, index(2), *upstream[2:])
+                    tk.dot_attention_bwd(*upstream[:2], q, k, values, mask, lengths, index(2), 1.0, *upstream[2:])
+            for H in (16, 32, 64):  # every hidden block
+                T, B = 7, 20
+                for cell, G in (("gru", 3), ("lstm", 4)):
+                    h = z(B, H)
+                    if cell == "gru":
+                        tk.persistent_gru_fwd(z(T, B, G * H), h, z(G * H, H), z(G * H), index(B), True, True)
+                        tk.persistent_gru_bwd(z(T, B, H), h, z(T, B, H), h, z(T, B, 4 * H), z(G * H, H), index(B),
+                                              True)
+                    else:
+                        tk.persistent_lstm_fwd(z(T, B, G * H), h, h, z(G * H, H), z(G * H), index(B), True, True)
+                        tk.persistent_lstm_bwd(z(T, B, H), h, h, h, z(T, B, H), z(T, B, 4 * H), z(G * H, H),
+                                               index(B), True)
     finally:
         for (m, n), k in kernels.items():
             setattr(m, n, k)
-    print(f"{len(seen)} attention kernel variants fit; the most shared memory: {worst[0]} bytes ({worst[1]})")
+        persistent_rnn.unsupported_reason = no_device_check
+    return launches
 
 
-def _run_real_triton(mode):
-    env = dict(os.environ, TRITON_INTERPRET="0")  # real JIT functions, not the interpreter's
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), mode], env=env, cwd=tests_dir,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result.stdout
+def _variants(launches):
+    """Every (kernel, signature, constexprs, num_warps) the recorded launches can compile to:
+    each with every autotune config its pruning keeps (what the autotuner may pick)."""
+    pointer = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
+               torch.uint8: "*u8"}
+    variants = {}
+    for kernel, args, kwargs in launches:
+        tuned = isinstance(kernel, triton.runtime.Autotuner)
+        fn = kernel.fn if tuned else kernel
+        named = dict(zip(fn.arg_names, args))
+        configs = [None]
+        if tuned:
+            prune = getattr(kernel, "early_config_prune", None)
+            configs = prune(kernel.configs, named, **kwargs) if prune else kernel.configs
+        for config in configs:
+            constexprs = {**kwargs, **(config.kwargs if config else {})}
+            num_warps = config.num_warps if config else constexprs.get("num_warps", 4)
+            signature, values = {}, {}
+            for param in fn.params:
+                name = param.name
+                if param.is_constexpr:
+                    signature[name], values[(fn.arg_names.index(name),)] = "constexpr", constexprs[name]
+                elif isinstance(named[name], torch.Tensor):
+                    signature[name] = pointer[named[name].dtype]
+                else:
+                    signature[name] = "fp32" if isinstance(named[name], float) else "i32"
+            key = (fn.__name__, tuple(signature.values()), tuple(sorted(values.items())), num_warps)
+            variants.setdefault(key, (fn, signature, values, num_warps))
+    return list(variants.values())
+
+
+_VARIANTS = []  # what the forked compile workers read (kernels do not pickle)
+
+
+def _compile(n):
+    """-> (what, shared memory bytes) of _VARIANTS[n] compiled for sm_90 (Triton's compiler
+    and ptxas: no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, signature, values, num_warps = _VARIANTS[n]
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=values),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    dtypes = sorted({t for t in signature.values() if t.startswith("*") and t not in ("*i64", "*u8")})
+    blocks = {fn.arg_names[k[0]]: v for k, v in values.items() if fn.arg_names[k[0]].startswith(("BLOCK", "IS_"))}
+    return f"{fn.__name__} {'/'.join(dtypes)} {blocks} warps={num_warps}", compiled.metadata.shared
+
+
+def _compile_every_kernel_for_sm90():
+    """Compile every kernel variant the launchers can choose for sm_90: every op, dtype, query
+    block, value width and hidden block, with every autotune config the pruning keeps. What the
+    interpreter accepts but a GPU compile rejects (tl.dot blocks < 16, type mismatches,
+    unsupported casts) fails here, and so does a variant needing more shared memory than an
+    H100/H200 has (triton.compile itself does not check the device's limit: the launch would
+    fail). Each kernel also compiles with all its sizes 1 (Triton specialises an integer
+    argument equal to 1 into a constant, which the interpreter never does). Variants that a
+    known-broken Triton aborts on (it kills the process) are refused by the launchers' checks
+    first, and skipped here."""
+    import multiprocessing
+
+    from fused_s2s.triton_kernels import persistent_rnn
+
+    variants, refused = [], 0
+    for variant in _variants(_record_every_launch()):
+        fn, signature, values, _ = variant
+        if fn is persistent_rnn._backward_kernel:
+            is_lstm = values[(fn.arg_names.index("IS_LSTM"),)]
+            block_h = values[(fn.arg_names.index("BLOCK_H"),)]
+            dtype = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}[signature["out_ptr"]]
+            if persistent_rnn.broken_triton_reason("lstm" if is_lstm else "gru", True, dtype, block_h):
+                refused += 1
+                continue
+        variants.append(variant)
+    # all sizes 1, once per kernel
+    for fn in {v[0] for v in variants}:
+        fn_variant = next(v for v in variants if v[0] is fn)
+        signature, values = dict(fn_variant[1]), dict(fn_variant[2])
+        for name in fn.arg_names:
+            if signature[name] in ("i32",):
+                signature[name], values[(fn.arg_names.index(name),)] = "constexpr", 1
+        variants.append((fn, signature, values, fn_variant[3]))
+    _VARIANTS[:] = variants
+    with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
+        results = pool.map(_compile, range(len(variants)), chunksize=4)
+    too_big = [(what, shared) for what, shared in results if shared > SM90_SHARED_BYTES]
+    assert not too_big, f"more shared memory than an H100/H200 has: {too_big[:5]}"
+    worst = max(results, key=lambda r: r[1])
+    print(f"compiled {len(results)} kernel variants for sm_90 ({refused} refused on Triton {triton.__version__}); "
+          f"the most shared memory: {worst[1]} bytes ({worst[0]})")
 
 
 def test_every_kernel_compiles_for_sm90():
-    assert "compiled" in _run_real_triton("compile-sm90")
-
-
-def test_attention_shared_memory_fits_sm90():
-    assert "variants fit" in _run_real_triton("shared-memory-sm90")
+    env = dict(os.environ, TRITON_INTERPRET="0")  # real JIT functions, not the interpreter's
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "compile-sm90"], env=env, cwd=tests_dir,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "compiled" in result.stdout
+    print(result.stdout.strip())
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["compile-sm90"]:
     _compile_every_kernel_for_sm90()
-if __name__ == "__main__" and sys.argv[1:] == ["shared-memory-sm90"]:
-    _attention_shared_memory_for_sm90()

@@ -17,6 +17,7 @@ every step (what the per-step path stores), c and the carried gradients stay flo
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -31,11 +32,66 @@ program's registers for the whole sequence (LSTM at H = 64: 64 KB in float32).""
 BLOCK_B = 16  # batch rows per program (the MMA tile height)
 
 
-def persistent_reason(device: torch.device, dtype: torch.dtype, hidden: int) -> Optional[str]:
-    """None if a layer of `hidden` units runs on these kernels here, else why not."""
+def persistent_reason(device: torch.device, dtype: torch.dtype, hidden: int, cell: str = "gru",
+                      backward: bool = False) -> Optional[str]:
+    """None if a `cell` layer of `hidden` units runs on these kernels here (forward, and the
+    backward too when `backward`), else why not."""
     if hidden > MAX_HIDDEN:
         return f"the Triton persistent kernels take hidden sizes up to {MAX_HIDDEN}, got {hidden}"
-    return unsupported_reason("gru_cell", device, dtype)
+    reason = unsupported_reason("gru_cell", device, dtype)
+    if reason is not None or torch.device(device).type != "cuda":
+        return reason
+    reason = broken_triton_reason(cell, backward, dtype, hidden)
+    if reason is not None:
+        return reason
+    is_lstm = cell == "lstm"
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    limit = _shared_memory_limit(index)
+    for kernel in (_forward_kernel, _backward_kernel) if backward else (_forward_kernel,):
+        need = _shared_memory(kernel, is_lstm, dtype, block(hidden), index)
+        if need > limit:
+            name = "backward" if kernel is _backward_kernel else "forward"
+            return (f"the Triton persistent {cell.upper()} {name} at hidden size {hidden} in {dtype} needs {need} "
+                    f"bytes of shared memory, the device allows {limit}")
+    return None
+
+
+BROKEN_TRITON = ("3.9.0",)
+"""Triton versions that abort the process (not raise) compiling a variant: refused up front."""
+
+
+def broken_triton_reason(cell: str, backward: bool, dtype: torch.dtype, hidden: int) -> Optional[str]:
+    """Why this Triton cannot compile the layer's kernels, or None: Triton 3.9.0 hits an LLVM
+    assertion on the float32 LSTM backward with hidden blocks of 32 or 64 (3.6-3.8 compile it)."""
+    if backward and cell == "lstm" and dtype == torch.float32 and block(hidden) >= 32 \
+            and triton.__version__ in BROKEN_TRITON:
+        return (f"Triton {triton.__version__} aborts the process (an LLVM assertion) compiling the persistent "
+                f"LSTM backward in float32 for hidden sizes above 16; Triton 3.6-3.8 compile it")
+    return None
+
+
+def _shared_memory_limit(index: int) -> int:
+    """The most shared memory a block may opt in to on CUDA device `index`."""
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(kernel, is_lstm: bool, dtype: torch.dtype, block_h: int, index: int) -> int:
+    """Shared memory of `kernel` compiled for device `index` as the launchers launch it (the
+    compiled kernel is cached, so the launch that follows does not compile it again)."""
+    with torch.cuda.device(index):
+        args = [torch.int64 if name == "len_ptr" else dtype if name.endswith("_ptr") else 16
+                for name in kernel.arg_names[:kernel.arg_names.index("REVERSE") + 1]]
+        flags = {name: True for name in ("HAS_BIAS", "HAS_LENGTHS", "SAVE", "HAS_GRAD_OUT", "HAS_GRAD_H_N",
+                                         "HAS_GRAD_C_N") if name in kernel.arg_names}
+        compiled = kernel.warmup(*args, IS_LSTM=is_lstm, **flags, **_meta(block_h), grid=(1,))
+    return compiled.metadata.shared
+
+
+def _meta(block_h: int) -> dict:
+    """The launch's block sizes and warps for a hidden block of block_h."""
+    return dict(PRECISION=dot_precision(), BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=4 if block_h <= 32 else 8)
 
 
 @triton.jit
@@ -259,7 +315,7 @@ class _Layer:
             raise ValueError(f"{op}: the direction dimension of {first_name} must be 1 or 2, got {self.D}")
         if first.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{op}: {first_name} must be float32/float16/bfloat16, got {first.dtype}")
-        reason = persistent_reason(first.device, first.dtype, self.H)
+        reason = persistent_reason(first.device, first.dtype, self.H, op.split("_")[1], op.endswith("_bwd"))
         if reason is not None:
             raise ValueError(f"{op}: {reason}")
         self.like = first
@@ -280,10 +336,8 @@ class _Layer:
     def launch(self, kernel, *args, reverse: bool, **meta) -> None:
         if self.T == 0 or self.B == 0:
             return
-        block_h = block(self.H)
         kernel[(triton.cdiv(self.B, BLOCK_B), self.D)](
-            *args, self.T, self.B, self.H, int(bool(reverse)), **meta, PRECISION=dot_precision(), BLOCK_B=BLOCK_B,
-            BLOCK_H=block_h, num_warps=4 if block_h <= 32 else 8)
+            *args, self.T, self.B, self.H, int(bool(reverse)), **meta, **_meta(block(self.H)))
 
 
 def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
