@@ -652,7 +652,7 @@ template <class Kernel>
 cudaError_t allow_shared_bytes(Kernel kernel, size_t bytes) {
   if (bytes <= kDefaultSharedBytes) return cudaSuccess;
   if (bytes > max_shared_bytes_optin()) return cudaErrorInvalidValue;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return allow_max_dynamic_shared(reinterpret_cast<const void*>(kernel));
 }
 
 inline bool valid_sizes(int64_t batch_q, int64_t batch_k, int64_t len_q, int64_t len_k, int64_t dim,

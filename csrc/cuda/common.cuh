@@ -5,6 +5,9 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
+#include <set>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -131,6 +134,24 @@ inline size_t max_shared_bytes_optin() {
     return 48 * 1024;
   }
   return static_cast<size_t>(n);
+}
+
+// Lets `kernel` take up to the current device's opt-in maximum of dynamic shared memory, set
+// once per kernel and device. Setting the attribute per launch to that launch's own size would
+// race: two host threads (the bindings release the GIL) launching the same kernel with different
+// sizes could each launch after the other's smaller setting and fail.
+inline cudaError_t allow_max_dynamic_shared(const void* kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, device})) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(max_shared_bytes_optin()));
+  if (err == cudaSuccess) done.insert({kernel, device});
+  return err;
 }
 
 // Lays float buffers out one after another in one workspace, each 256-byte aligned.

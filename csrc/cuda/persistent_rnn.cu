@@ -32,6 +32,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "common.cuh"
@@ -749,7 +752,7 @@ cudaError_t launch(const Plan& plan, Params params, void* workspace, cudaStream_
   const void* kernel = kernel_of(plan.cell, plan.dtype, plan.backward);
   cudaError_t err = cudaMemsetAsync(workspace, 0, size_t(plan.batch_blocks) * kCounterBytes, stream);
   if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes));
+  err = cuda::allow_max_dynamic_shared(kernel);
   if (err != cudaSuccess) return err;
   void* args[] = {&params};
   return cudaLaunchCooperativeKernel(kernel, dim3(unsigned(plan.unit_blocks), unsigned(plan.batch_blocks)),
@@ -845,10 +848,8 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-}  // namespace
-
-cudaError_t query_plan(Cell cell, DType dtype, bool backward, int64_t batch, int64_t hidden, int device,
-                       Plan* plan, int64_t max_blocks, int64_t max_rows_per_block) {
+cudaError_t query_plan_uncached(Cell cell, DType dtype, bool backward, int64_t batch, int64_t hidden, int device,
+                                Plan* plan, int64_t max_blocks, int64_t max_rows_per_block) {
   int sms = 0, smem = 0, regs = 0, major = 0, cooperative = 0;
   cudaError_t err;
   if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess ||
@@ -873,10 +874,7 @@ cudaError_t query_plan(Cell cell, DType dtype, bool backward, int64_t batch, int
   }
   const DeviceGuard guard(device);
   const void* kernel = kernel_of(cell, dtype, backward);
-  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan->smem_bytes))) !=
-      cudaSuccess) {
-    return err;
-  }
+  if ((err = cuda::allow_max_dynamic_shared(kernel)) != cudaSuccess) return err;
   int per_sm = 0;
   if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, size_t(plan->smem_bytes))) !=
       cudaSuccess) {
@@ -887,6 +885,33 @@ cudaError_t query_plan(Cell cell, DType dtype, bool backward, int64_t batch, int
     plan->reason = "the compiled kernel's registers/shared memory allow fewer resident blocks than the grid";
   }
   return cudaSuccess;
+}
+
+}  // namespace
+
+// The plan depends only on its arguments and the device: made once (device attribute and
+// occupancy queries), then looked up on every call.
+cudaError_t query_plan(Cell cell, DType dtype, bool backward, int64_t batch, int64_t hidden, int device,
+                       Plan* plan, int64_t max_blocks, int64_t max_rows_per_block) {
+  using Key = std::tuple<int, int, bool, int64_t, int64_t, int, int64_t, int64_t>;
+  static std::mutex mutex;
+  static std::map<Key, Plan> cache;
+  const Key key{int(cell), int(dtype), backward, batch, hidden, device, max_blocks, max_rows_per_block};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) {
+      *plan = it->second;
+      return cudaSuccess;
+    }
+  }
+  const cudaError_t err = query_plan_uncached(cell, dtype, backward, batch, hidden, device, plan, max_blocks,
+                                              max_rows_per_block);
+  if (err == cudaSuccess) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (cache.size() < 4096) cache.emplace(key, *plan);  // bounded: a long run of new shapes stays cheap
+  }
+  return err;
 }
 
 cudaError_t gru_forward(const Plan& plan, int64_t steps, bool reverse, const void* gx, const void* h0,
