@@ -146,6 +146,23 @@ def _triton_attention(dtype, tq: int, dv: int) -> Callable[[], str]:
     return run
 
 
+def _triton_persistent_shared_memory() -> str:
+    """The Triton persistent route's shared-memory precheck compiles for this device and gets
+    the numbers (it gives up silently where it cannot, so this is where a failure shows)."""
+    from fused_s2s import backends
+
+    pr = backends.load("triton").persistent_rnn
+    index = torch.cuda.current_device()
+    need = pr._shared_memory(pr._backward_kernel, True, torch.float32, 64, index)
+    limit = pr._shared_memory_limit(index)
+    if not 0 < need < 256 * 1024 or not 48 * 1024 <= limit <= 256 * 1024:
+        raise AssertionError(f"implausible: LSTM backward fp32 H=64 needs {need} bytes, the device allows {limit}")
+    reason = pr.persistent_reason(torch.device("cuda", index), torch.float32, 64, "lstm", backward=True)
+    if (need > limit) != (reason is not None):
+        raise AssertionError(f"needs {need} of {limit} bytes, but the reason is {reason!r}")
+    return f"LSTM backward fp32 H=64 needs {need} bytes of shared memory, the device allows {limit}"
+
+
 # (family, name, check)
 CHECKS: List[Tuple[str, str, Callable[[], str]]] = [
     ("cuda-persistent", "chunked LSTM bwd fp32 H=1024 B=32 T=64",
@@ -157,7 +174,8 @@ CHECKS: List[Tuple[str, str, Callable[[], str]]] = [
     ("cuda-persistent", "barrier stress GRU bf16 H=1024 B=64 T=2048", _stress(16)),
     ("cuda-persistent", "barrier stress GRU bf16 H=1024 B=64 T=2048, one row per block", _stress(1)),
 ] + [("triton-attention", f"triton attention {str(dtype)[6:]} Tq={tq} Dv={dv}", _triton_attention(dtype, tq, dv))
-     for dtype in (torch.bfloat16, torch.float32) for tq in (1, 20) for dv in (300, 4096)]
+     for dtype in (torch.bfloat16, torch.float32) for tq in (1, 20) for dv in (300, 4096)] + [
+    ("triton-persistent", "triton persistent shared-memory precheck", _triton_persistent_shared_memory)]
 
 
 def main(argv=None) -> int:

@@ -47,9 +47,11 @@ def persistent_reason(device: torch.device, dtype: torch.dtype, hidden: int, cel
     is_lstm = cell == "lstm"
     index = torch.device(device).index
     index = torch.cuda.current_device() if index is None else index
-    limit = _shared_memory_limit(index)
     for kernel in (_forward_kernel, _backward_kernel) if backward else (_forward_kernel,):
-        need = _shared_memory(kernel, is_lstm, dtype, block(hidden), index)
+        try:
+            limit, need = _shared_memory_limit(index), _shared_memory(kernel, is_lstm, dtype, block(hidden), index)
+        except Exception:  # noqa: BLE001 - a precheck only: a kernel that cannot compile says why at launch
+            return None
         if need > limit:
             name = "backward" if kernel is _backward_kernel else "forward"
             return (f"the Triton persistent {cell.upper()} {name} at hidden size {hidden} in {dtype} needs {need} "
