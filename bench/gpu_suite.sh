@@ -127,7 +127,7 @@ fi
 SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
     /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 SANITIZER=${SANITIZER:-compute-sanitizer}
-SELFTEST=$LOGS/fused_s2s_selftest
+SELFTEST=$(mktemp -d "${TMPDIR:-/tmp}/fused_s2s_selftest.XXXXXX")/fused_s2s_selftest  # not under $OUT: a binary
 
 # ---------------------------------------------------- 0-~5 min: build, selftest, Triton, NaN
 build() {
