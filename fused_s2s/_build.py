@@ -290,8 +290,6 @@ def setup_kwargs() -> Dict[str, object]:
         return skip(f"torch is not importable: {e}; install with --no-build-isolation")
     with_cuda, why = plan_cuda()
     cpp_extension = _cpp_extension(with_cuda)
-    print(f"fused_s2s: building the C++ extension ({build_time(with_cuda)}), CUDA kernels: "
-          f"{'yes' if with_cuda else 'no'} ({why})", file=sys.stderr)
     opts = build_options(os.path.relpath(csrc), with_cuda)
     extension_class = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     extension = extension_class(
@@ -305,6 +303,9 @@ def setup_kwargs() -> Dict[str, object]:
 
     class BuildExtension(cpp_extension.BuildExtension):
         def build_extensions(self) -> None:
+            # said here, not when setup() is called: pip calls it three times, building once
+            print(f"fused_s2s: building the C++ extension ({build_time(with_cuda)}), CUDA kernels: "
+                  f"{'yes' if with_cuda else 'no'} ({why})", file=sys.stderr, flush=True)
             with _arch_list_env(for_first_use=False):
                 try:
                     super().build_extensions()
