@@ -23,15 +23,17 @@ install: $(BUILD_STAMP)
 # Makefile as a prerequisite: an existing environment gets what a changed list here adds.
 # numpy before the build: torch warns while building without it.
 $(DEPS_STAMP): Makefile
-	@echo "fused_s2s: setting up $(VENV) with $(TORCH) (about a minute from a local wheel cache, longer when downloading)..."
+	@echo "fused_s2s: setting up $(VENV) with $(TORCH) (a few minutes: torch and its CUDA libraries are large)..."
 	@$(call TIMED,$(PYTHON) -m venv $(VENV) && \
 	  $(PY) -m pip install --quiet --upgrade pip setuptools wheel && \
 	  $(PY) -m pip install --quiet "$(TORCH)" numpy ninja pybind11)
 	touch $@
 
 # --no-build-isolation: the extension must compile against the torch installed above.
+# PYTHONWARNINGS: setuptools' caution that a folder named like the package may shadow it, said
+# on every editable install; here that folder is the package.
 $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h csrc/include/*/*.h)
-	@echo "fused_s2s: installing the package and compiling its C++ extension (about a minute on 2 cores;" \
+	@echo "fused_s2s: installing the package and compiling its C++ extension (1-3 minutes on 2 cores;" \
 	  "the CUDA kernels, built when a GPU is visible or FUSED_S2S_CUDA=1, take several minutes more)..."
-	@$(call TIMED,$(PY) -m pip install --quiet --no-build-isolation -e '.[test]')
+	@$(call TIMED,PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet --no-build-isolation -e '.[test]')
 	mkdir -p build && touch $@

@@ -248,7 +248,7 @@ def _arch_list_env(for_first_use: bool) -> Iterator[None]:
 
 def build_time(with_cuda: bool) -> str:
     """What a build costs, to say before one starts (measured with MAX_JOBS=2 on 2 CPU cores)."""
-    return "several minutes: the CUDA kernels too" if with_cuda else "about a minute on 2 cores"
+    return "several minutes: the CUDA kernels too" if with_cuda else "1-3 minutes on 2 cores"
 
 
 # ------------------------------------------------------------------------------- setup.py
