@@ -8,11 +8,18 @@ A backend is a module exposing the eight primitives of the kernel contract
 | `torch`  | fused_s2s.backend_torch       | anywhere (plain PyTorch ops)                     |
 | `cpp`    | fused_s2s._C (compiled)       | CPU (float32/64, bfloat16/float16) and, when built with CUDA, GPU |
 | `triton` | fused_s2s.triton_kernels      | CUDA tensors; CPU tensors under TRITON_INTERPRET=1 |
+| `native` | torch._VF (PyTorch's own)     | wherever nn.GRU/nn.LSTM/nn cells run; layers and cells only |
 
 Selection, first match wins: the `backend=` argument of a function or module, then
 `set_backend()`, then the FUSED_S2S_BACKEND environment variable, then "auto". A backend asked
-for by name that cannot take a call raises `BackendUnavailable` saying why; "auto" tries the
-verified backends for the device in order and falls back to `torch` with one warning per reason.
+for by name that cannot take a call raises `BackendUnavailable` saying why. "auto" runs what
+the measured table of `fused_s2s.dispatch` names for the call (layers and cells: `native` where
+nothing is measured); for the per-step primitives it tries the verified kernel backends of
+AUTO_ORDER and falls back to `torch` with one warning per reason.
+
+`native` is not a kernel backend: it has none of the primitives. The modules and the cell
+functions call PyTorch's fused RNN and cell kernels (torch._VF, as nn does) on our weights,
+which are in nn's layout.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-NAMES = ("torch", "cpp", "triton")
+NAMES = ("torch", "cpp", "triton", "native")
+KERNEL_NAMES = NAMES[:3]  # the backends that implement the primitives
 OPS = ("gru_cell", "lstm_cell", "additive_attention", "dot_attention")
 PRIMITIVES = tuple(f"{op}_{part}" for op in OPS for part in ("fwd", "bwd"))
 
@@ -94,6 +102,8 @@ def _import_triton_kernels() -> ModuleType:
 
 
 def _import(name: str) -> ModuleType:
+    if name == "native":
+        return torch._VF
     if name == "torch":
         from . import backend_torch as module
     elif name == "cpp":
@@ -131,6 +141,10 @@ def unsupported_reason(name: str, op: str, device: torch.device, dtype: torch.dt
         return str(e)
     if name == "torch":
         return None
+    if name == "native":
+        if op not in ("gru_cell", "lstm_cell"):
+            return "PyTorch has no fused kernel for this op (native runs GRU/LSTM layers and cells)"
+        return None if dtype.is_floating_point else f"PyTorch's RNN kernels take floating-point input, not {dtype}"
     if name == "cpp":
         if device.type == "cpu":  # 16-bit types computed in float32
             ok = dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -177,6 +191,9 @@ def resolve(requested: Optional[str], op: str, device: torch.device, dtype: torc
     """The name of the backend that runs `op` for tensors of this device/dtype, the largest
     of which has `largest` elements."""
     name = _check_name(requested) if requested is not None else get_backend()
+    if name == "native":
+        raise BackendUnavailable(f"backend 'native' cannot run {op} one layer direction at a time: it runs whole "
+                                 "GRU/LSTM modules and cells (fused_s2s.GRU/LSTM, gru_cell/lstm_cell)")
     if name != "auto":
         reason = _call_reason(name, op, device, dtype, largest)
         if reason is not None:
@@ -222,8 +239,10 @@ def describe() -> str:
             why = unsupported_reason(name, "gru_cell", torch.device(dev), torch.float32)
             details.append(f"{dev}: {'yes' if why is None else 'no (' + why + ')'}")
         lines.append(f"  {name:7s} available; " + "; ".join(details))
+    from . import dispatch  # imported here: it imports this module
     for dev, order in AUTO_ORDER.items():
-        lines.append(f"auto on {dev}: tries {', '.join(order)}")
+        lines += dispatch.describe(torch.device(dev))
+        lines.append(f"  per-step kernels under auto on {dev}: tries {', '.join(order)}")
     from . import persistent_autograd  # imported here: it imports this module
     have = [n for n in persistent_autograd.KERNEL_BACKENDS if persistent_autograd._kernels(n)[0] is not None]
     lines.append("persistent GRU/LSTM layers on CUDA: " + (", ".join(have) or "none built")

@@ -1,7 +1,7 @@
 """The functional API: argument checks, backend choice, then the autograd Functions.
 
-Every function takes a keyword `backend=` ("auto", "torch", "cpp", "triton"; None means the
-process default, see `fused_s2s.backends`).
+Every function takes a keyword `backend=` ("auto", "torch", "cpp", "triton", and for the cells
+"native"; None means the process default, see `fused_s2s.backends` and `fused_s2s.dispatch`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends, ops
+from . import backends, dispatch, ops
 from .autograd import AdditiveAttentionFunction, DotAttentionFunction, GRUFunction, LSTMFunction
 
 # ------------------------------------------------------------------------------ arg checks
@@ -120,7 +120,11 @@ def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
     batched = input.dim() == 2
     x = input if batched else input.unsqueeze(0)
     h0 = (hx if batched else hx.unsqueeze(0)) if hx is not None else x.new_zeros(x.shape[0], hidden)
-    h_new = gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=backend)[1]
+    name = _cell_backend(backend, "gru_cell", x, hidden, (x, h0, w_ih, w_hh, b_ih, b_hh))
+    if name == "native":  # what nn.GRUCell runs
+        h_new = torch._VF.gru_cell(x, h0, w_ih, w_hh, b_ih, b_hh)
+    else:
+        h_new = gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=name)[1]
     return h_new if batched else h_new.squeeze(0)
 
 
@@ -140,8 +144,21 @@ def lstm_cell(input: Tensor, state: Optional[Tuple[Tensor, Tensor]], w_ih: Tenso
     zeros = x.new_zeros(x.shape[0], hidden)
     h0 = zeros if hx is None else (hx if batched else hx.unsqueeze(0))
     c0 = zeros if cx is None else (cx if batched else cx.unsqueeze(0))
-    _, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=backend)
+    name = _cell_backend(backend, "lstm_cell", x, hidden, (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+    if name == "native":  # what nn.LSTMCell runs
+        h, c = torch._VF.lstm_cell(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    else:
+        _, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=name)
     return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+
+
+def training(tensors) -> bool:
+    """Whether a call will need a backward pass (what the dispatch table calls fwd+bwd)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _cell_backend(backend: Optional[str], op: str, x: Tensor, hidden: int, tensors) -> str:
+    return dispatch.choose(backend, op, x.device, x.dtype, x.shape[0], hidden, training(tensors))
 
 
 def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
@@ -199,10 +216,11 @@ def _prepare_attention(query: Tensor, keys: Tensor, values: Tensor, mask, length
     return q, keys, values, mask, lengths, kv_batch_idx
 
 
-def _pick_attention(backend: Optional[str], op: str, q: Tensor, k: Tensor, values: Tensor) -> str:
+def _pick_attention(backend: Optional[str], op: str, q: Tensor, k: Tensor, values: Tensor, *others) -> str:
+    name = dispatch.choose(backend, op, q.device, q.dtype, q.shape[0], q.shape[1], training((q, k, values) + others))
     if q.shape[2] == 0 or values.shape[2] == 0:
         return "torch"  # a zero feature size leaves nothing for a kernel to compute
-    return _pick(backend, op, q, _attention_largest(q, k, values))
+    return _pick(name, op, q, _attention_largest(q, k, values))
 
 
 def _attention_largest(q: Tensor, k: Tensor, values: Tensor) -> int:
@@ -229,7 +247,7 @@ def additive_attention(q_proj: Tensor, k_proj: Tensor, v: Tensor, values: Tensor
     _check_tensor("v", v, (1,), q)
     _require(q.shape[2] == k.shape[2] == v.shape[0],
              lambda: f"q_proj, k_proj and v must share the attention size, got {q.shape[2]}, {k.shape[2]}, {v.shape[0]}")
-    name = _pick_attention(backend, "additive_attention", q, k, vals)
+    name = _pick_attention(backend, "additive_attention", q, k, vals, v)
     context, weights = AdditiveAttentionFunction.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), vals.contiguous(), mask, lengths, kv_batch_idx, name)
     return (context, weights) if q_proj.dim() == 3 else (context.squeeze(1), weights.squeeze(1))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends, functional, persistent_autograd
+from . import backends, dispatch, functional, persistent_autograd
 
 # ----------------------------------------------------------------------------------- cells
 
@@ -184,7 +184,7 @@ class _RecurrentLayers(nn.Module):
             if lengths is not None:
                 raise ValueError("lengths is for padded input; a PackedSequence carries its own")
             data, batch_sizes_t = input.data, input.batch_sizes
-            batch_sizes = [int(b) for b in batch_sizes_t]
+            batch_sizes = batch_sizes_t.tolist()
             batch = batch_sizes[0] if batch_sizes else 0
             batched = True
         else:
@@ -203,8 +203,6 @@ class _RecurrentLayers(nn.Module):
                 if not batched:
                     raise ValueError("lengths needs batched (3-D) input")
                 lengths = functional._check_index("lengths", lengths, (batch,), data.device, steps)
-                padding = torch.arange(steps, device=data.device)[:, None] >= lengths  # (T, B)
-                data = data.masked_fill(padding.reshape(-1, 1), 0)  # ignored as packing would, even NaN
         if data.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {data.shape[-1]}")
@@ -220,20 +218,78 @@ class _RecurrentLayers(nn.Module):
         if packed and input.sorted_indices is not None:  # states come in the caller's batch order
             states = [s.index_select(1, input.sorted_indices) for s in states]
 
-        out, final = self._run_layers(data, states, batch_sizes, lengths)
+        name = self._choose(data, batch, len(batch_sizes), packed, lengths)
+        if name == "native":
+            out, final = self._run_native(input.data if packed else input, batch_sizes_t if packed else None,
+                                          states, lengths, batched)
+        else:
+            if lengths is not None:  # padding is ignored as packing would, even NaN
+                padding = torch.arange(len(batch_sizes), device=data.device)[:, None] >= lengths  # (T, B)
+                data = data.masked_fill(padding.reshape(-1, 1), 0)
+            out, final = self._run_layers(data, states, batch_sizes, lengths, name)
 
         if packed and input.unsorted_indices is not None:
             final = [s.index_select(1, input.unsorted_indices) for s in final]
         if packed:
             output = PackedSequence(out, batch_sizes_t, input.sorted_indices, input.unsorted_indices)
         else:
-            output = out.reshape(len(batch_sizes), batch, out.shape[-1])
-            if self.batch_first and batched:
-                output = output.transpose(0, 1)
+            if name == "native":  # already in the input's layout
+                output = out if batched else out.squeeze(0 if self.batch_first else 1)
+            else:
+                output = out.reshape(len(batch_sizes), batch, out.shape[-1])
+                if self.batch_first and batched:
+                    output = output.transpose(0, 1)
+                if not batched:
+                    output = output.squeeze(1)
             if not batched:
-                output = output.squeeze(1)
                 final = [s.squeeze(1) for s in final]
         return output, (tuple(final) if self.has_cell_state else final[0])
+
+    def _choose(self, data: Tensor, batch: int, steps: int, packed: bool, lengths: Optional[Tensor]) -> str:
+        """"native" or the kernel backend for this call (see fused_s2s.dispatch)."""
+        first = self.weight_hh_l0
+        training = torch.is_grad_enabled() and (data.requires_grad or first.requires_grad)
+        dtype = torch.get_autocast_dtype(data.device.type) if torch.is_autocast_enabled(data.device.type) \
+            else data.dtype
+        return dispatch.choose(self.backend, type(self).__name__, data.device, dtype, batch, self.hidden_size,
+                               training, _native_reason(data, steps, packed, lengths))
+
+    def _run_native(self, x: Tensor, batch_sizes: Optional[Tensor], states: List[Tensor],
+                    lengths: Optional[Tensor], batched: bool):
+        """All layers and directions in one call of PyTorch's fused RNN (what nn.GRU/nn.LSTM
+        run: cuDNN on CUDA, oneDNN or ATen on CPU) -> (output, final states). x: the packed
+        rows with their batch_sizes, or the padded input as the caller gave it."""
+        run = torch._VF.lstm if self.has_cell_state else torch._VF.gru
+        flat = [getattr(self, n) for n in self._flat_weights_names]  # nn's order
+        hx = tuple(states) if self.has_cell_state else states[0]
+        setup = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        if batch_sizes is not None:
+            result = run(x, batch_sizes, hx, flat, *setup)
+            return result[0], list(result[1:])
+        if not batched:
+            x = x.unsqueeze(0 if self.batch_first else 1)
+        if lengths is None:
+            result = run(x, hx, flat, *setup, self.batch_first)
+            return result[0], list(result[1:])
+        # lengths=: packed and unpacked around the call (the lengths on the host: no sync on CPU,
+        # one on CUDA, as packing costs there); rows of length 0 keep their state, output zeros
+        host = lengths.cpu()
+        total = x.shape[1 if self.batch_first else 0]
+        if bool((host == total).all()):
+            result = run(x, hx, flat, *setup, self.batch_first)
+            return result[0], list(result[1:])
+        p = pack_padded_sequence(x, host.clamp(min=1), batch_first=self.batch_first, enforce_sorted=False)
+        result = run(p.data, p.batch_sizes, tuple(s.index_select(1, p.sorted_indices) for s in states)
+                     if self.has_cell_state else states[0].index_select(1, p.sorted_indices), flat, *setup)
+        out, _ = pad_packed_sequence(PackedSequence(result[0], p.batch_sizes, p.sorted_indices, p.unsorted_indices),
+                                     batch_first=self.batch_first, total_length=total)
+        final = [s.index_select(1, p.unsorted_indices) for s in result[1:]]
+        empty = host == 0
+        if bool(empty.any()):
+            empty = empty.to(out.device)
+            out = out.masked_fill(empty[:, None, None] if self.batch_first else empty[None, :, None], 0)
+            final = [torch.where(empty[None, :, None], s0, s) for s0, s in zip(states, final)]
+        return out, final
 
     def _initial_states(self, hx, data: Tensor, batch: int, batched: bool, autocast: bool) -> List[Tensor]:
         names = ("h_0", "c_0") if self.has_cell_state else ("hx",)
@@ -253,13 +309,15 @@ class _RecurrentLayers(nn.Module):
             states.append(s)
         return states
 
-    def _run_layers(self, data: Tensor, states: List[Tensor], batch_sizes: List[int], lengths: Optional[Tensor]):
-        """-> (output rows (N, D*output_size) in data's row layout, final states [(L*D, B, size)])."""
+    def _run_layers(self, data: Tensor, states: List[Tensor], batch_sizes: List[int], lengths: Optional[Tensor],
+                    backend: Optional[str]):
+        """Our kernels, layer by layer and direction by direction, on `backend` (a kernel backend
+        name or "auto") -> (output rows (N, D*output_size) in data's row layout, final states [(L*D, B, size)])."""
         batch = batch_sizes[0] if batch_sizes else 0
         kernels = None  # proj_size > 0 runs per step: the persistent kernels have no projection
         if not self.proj_size:
             training = torch.is_grad_enabled() and any(t.requires_grad for t in (data, *states, *self.parameters()))
-            kernels, _ = persistent_autograd.route(type(self).__name__, self.backend, data, batch, self.hidden_size,
+            kernels, _ = persistent_autograd.route(type(self).__name__, backend, data, batch, self.hidden_size,
                                                    training)
         if kernels is not None:
             # the whole-sequence kernels take padded (T, B, I) input and mask by lengths
@@ -269,7 +327,7 @@ class _RecurrentLayers(nn.Module):
         else:
             x, restore = data, None
             run = lambda x, state, weights, reverse: self._run_direction(  # noqa: E731
-                x, state, batch_sizes, weights, reverse, lengths)
+                x, state, batch_sizes, weights, reverse, lengths, backend)
         # the Triton persistent kernels run both directions of a layer in one launch
         pairs = kernels == "triton" and self.num_directions == 2
         finals: List[List[Tensor]] = [[] for _ in states]
@@ -295,6 +353,18 @@ class _RecurrentLayers(nn.Module):
         return (x if restore is None else restore(x)), [torch.stack(f) for f in finals]
 
 
+def _native_reason(data: Tensor, steps: int, packed: bool, lengths: Optional[Tensor]) -> Optional[str]:
+    """Why PyTorch's fused RNN cannot take this module call, or None."""
+    if steps == 0:
+        return "PyTorch's RNN kernels need at least one time step"
+    if lengths is not None and not functional.can_read_values(lengths):
+        return ("lengths= is run by packing, which needs the lengths on the host: not while torch.compile "
+                "traces or a CUDA graph captures")
+    if packed and torch.compiler.is_compiling():
+        return "torch.compile cannot trace PyTorch's packed RNN kernel (data-dependent batch sizes)"
+    return None
+
+
 def _to_padded(data: Tensor, batch_sizes: List[int], lengths: Optional[Tensor]):
     """Rows (N, I) of a padded or packed layout -> (x (T, B, I), lengths on the device or None,
     the function taking output (T, B, H) back to rows)."""
@@ -310,10 +380,10 @@ class GRU(_RecurrentLayers):
     """nn.GRU with fused kernels. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
     gates, has_cell_state = 3, False
 
-    def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths):
+    def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths, backend):
         w_ih, w_hh, b_ih, b_hh = weights
         return functional.gru_layer(x, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                                    lengths=lengths, backend=self.backend)
+                                    lengths=lengths, backend=backend)
 
     def _persistent_direction(self, x, states, weights, lengths, reverse, kernels):
         return persistent_autograd.persistent_gru_layer(x, states[0], *weights, lengths, reverse, backend=kernels)
@@ -325,10 +395,10 @@ class LSTM(_RecurrentLayers):
     hidden_size, and each layer direction has weight_hr_l{k}[_reverse] (P, hidden_size), as nn.LSTM."""
     gates, has_cell_state = 4, True
 
-    def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths):
+    def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths, backend):
         w_ih, w_hh, b_ih, b_hh, *w_hr = weights
         return functional.lstm_layer(x, states[0], states[1], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                                     lengths=lengths, backend=self.backend, w_hr=w_hr[0] if w_hr else None)
+                                     lengths=lengths, backend=backend, w_hr=w_hr[0] if w_hr else None)
 
     def _persistent_direction(self, x, states, weights, lengths, reverse, kernels):
         return persistent_autograd.persistent_lstm_layer(x, states[0], states[1], *weights, lengths, reverse,
