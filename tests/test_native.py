@@ -1,0 +1,223 @@
+"""The `native` backend gives nn's results exactly (the same PyTorch kernel runs on the same
+weights), and `auto` does what the committed dispatch table says."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fused_s2s
+from fused_s2s import backends, dispatch
+from fused_s2s import functional as FS
+
+
+def _pair(mode, **kw):
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(5, 7, **kw)
+    ours = getattr(fused_s2s, mode)(5, 7, backend="native", **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _run(module, seed, *args, **kw):
+    """Outputs and every gradient (input, states, parameters), flattened."""
+    torch.manual_seed(seed)  # dropout draws from the same generator in both
+    out, final = module(*args, **kw)
+    data = out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out
+    finals = list(final) if isinstance(final, tuple) else [final]
+    loss = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in [data] + finals)
+    wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + list(module.parameters())
+    return [data] + finals + list(torch.autograd.grad(loss, wrt))
+
+
+def _assert_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,bias,dropout", [
+    (1, False, False, True, 0.0), (2, True, False, True, 0.4), (3, True, True, False, 0.0), (2, False, True, True, 0.5)])
+def test_layers_equal_nn_bitwise(mode, layers, bidirectional, batch_first, bias, dropout):
+    ref, ours = _pair(mode, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias,
+                      dropout=dropout)
+    d = 2 if bidirectional else 1
+    x = torch.randn(4, 6, 5) if batch_first else torch.randn(6, 4, 5)
+    h0 = torch.randn(layers * d, 4, 7)
+    state = h0 if mode == "GRU" else (h0, torch.randn_like(h0))
+    _assert_equal(_run(ours, 1, x.requires_grad_()), _run(ref, 1, x))  # dropout in training mode
+    _assert_equal(_run(ours, 2, x, state), _run(ref, 2, x, state))
+    lengths = torch.tensor([6, 2, 5, 1])
+    packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+    _assert_equal(_run(ours, 3, packed, state), _run(ref, 3, packed, state))
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        _assert_equal(ours(x, state)[0:1], ref(x, state)[0:1])
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_unbatched_and_empty_batch(mode):
+    ref, ours = _pair(mode, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 5, requires_grad=True)
+    _assert_equal(_run(ours, 0, x), _run(ref, 0, x))
+    h0 = torch.randn(4, 7)
+    state = h0 if mode == "GRU" else (h0, torch.randn_like(h0))
+    _assert_equal(_run(ours, 0, x, state), _run(ref, 0, x, state))
+    empty = torch.randn(6, 0, 5)
+    for a, b in zip(ours(empty), ref(empty)):
+        a, b = (a, b) if isinstance(a, torch.Tensor) else (a[0], b[0])
+        assert a.shape == b.shape
+    # no time steps: PyTorch's kernel refuses, so native by name says why and auto runs ours
+    with pytest.raises(fused_s2s.BackendUnavailable, match="at least one time step"):
+        ours(torch.randn(0, 3, 5))
+    ours.backend = "auto"
+    assert ours(torch.randn(0, 3, 5))[0].shape == (0, 3, 14)
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_lengths_run_by_packing(mode, batch_first):
+    """lengths= on native: the results of packing (what the kernel backends give too), rows
+    of length 0 keeping their state and giving zero outputs."""
+    ref, ours = _pair(mode, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn(4, 6, 5) if batch_first else torch.randn(6, 4, 5)
+    h0 = torch.randn(4, 4, 7)
+    state = h0 if mode == "GRU" else (h0, torch.randn_like(h0))
+    for lengths in (torch.tensor([6, 2, 5, 1]), torch.tensor([6, 6, 6, 6])):
+        out, final = ours(x, state, lengths=lengths)
+        expected, expected_final = ref(pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                                            enforce_sorted=False), state)
+        expected = pad_packed_sequence(expected, batch_first=batch_first, total_length=6)[0]
+        assert torch.equal(out, expected)
+        for a, b in zip(final if mode == "LSTM" else [final], expected_final if mode == "LSTM" else [expected_final]):
+            assert torch.equal(a, b)
+    cpp = getattr(fused_s2s, mode)(5, 7, num_layers=2, bidirectional=True, batch_first=batch_first, backend="torch")
+    cpp.load_state_dict(ref.state_dict())
+    lengths = torch.tensor([6, 0, 5, 1])
+    for a, b in zip(_flat(ours(x, state, lengths=lengths)), _flat(cpp(x, state, lengths=lengths))):
+        torch.testing.assert_close(a, b)
+
+
+def _flat(result):
+    out, final = result
+    return [out] + (list(final) if isinstance(final, tuple) else [final])
+
+
+@pytest.mark.parametrize("mode", ["GRUCell", "LSTMCell"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_cells_equal_nn_bitwise(mode, batched):
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(5, 7)
+    ours = getattr(fused_s2s, mode)(5, 7, backend="native")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5) if batched else torch.randn(5)
+    h = torch.randn(*x.shape[:-1], 7)
+    state = h if mode == "GRUCell" else (h, torch.randn_like(h))
+    for args in ((x,), (x, state)):
+        a, b = ours(*args), ref(*args)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(u, v)
+    a, b = ours(torch.randn(0, 5)), ref(torch.randn(0, 5))
+    assert (a[0] if isinstance(a, tuple) else a).shape == (b[0] if isinstance(b, tuple) else b).shape == (0, 7)
+
+
+def test_native_refuses_what_it_cannot_run():
+    q, k, v = torch.randn(2, 4), torch.randn(2, 5, 4), torch.randn(4)
+    with pytest.raises(fused_s2s.BackendUnavailable, match="native"):
+        FS.additive_attention(q, k, v, k, backend="native")
+    x, h, w_ih, w_hh = torch.randn(2, 3), torch.randn(2, 4), torch.randn(12, 3), torch.randn(12, 4)
+    with pytest.raises(fused_s2s.BackendUnavailable, match="whole"):
+        FS.gru_layer(x, h, w_ih, w_hh, None, None, (2,), False, backend="native")
+
+
+def test_compile_traces_native_padded_and_falls_back_for_lengths():
+    """torch.compile traces PyTorch's padded RNN (fullgraph); packed input and lengths= need
+    host values, so under compile `auto` runs our per-step kernels there instead."""
+    torch.manual_seed(0)
+    gru = fused_s2s.GRU(4, 5, num_layers=2, bidirectional=True, backend="native")
+    x, lengths = torch.randn(6, 3, 4), torch.tensor([6, 2, 4])
+    compiled = torch.compile(lambda x: gru(x)[0], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), gru(x)[0])
+    gru.backend = "auto"
+    compiled = torch.compile(lambda x, n: gru(x, lengths=n)[0], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, lengths), gru(x, lengths=lengths)[0])
+
+
+# ------------------------------------------------------------------------------- auto
+
+
+SAMPLE = {"B=1": 1, "B<=16": 8, "B>16": 64, "H<=256": 64, "H>256": 512, "Tq=1": 1, "Tq>1": 8}
+
+
+def _representative(cls: str):
+    """(batch, hidden or Tq, training) of a call inside a shape class."""
+    parts = cls.split(",")
+    batch = SAMPLE[parts[0]] if parts[0].startswith("B") else 4
+    return batch, SAMPLE[parts[-2]], parts[-1] == "fwd+bwd"
+
+
+def test_shape_classes_cover_their_names():
+    for op in dispatch.OPS:
+        for cls in dispatch.classes(op):
+            batch, size, training = _representative(cls)
+            assert dispatch.shape_class(op, batch, size, training) == cls
+
+
+def test_committed_table_is_what_auto_does():
+    """Every entry of the table in force on CPU is what `auto` resolves for a call of its class
+    (where the named backend can run here), and calls of unlisted classes get the default."""
+    cpu = torch.device("cpu")
+    table = dispatch.table_for(cpu)
+    assert table is not None, "no committed CPU dispatch table (fused_s2s/dispatch_cpu.py)"
+    checked = 0
+    for op in dispatch.OPS:
+        for dtype_name, per_class in table["entries"].get(op, {}).items():
+            dtype = getattr(torch, dtype_name)
+            for cls in dispatch.classes(op):
+                batch, size, training = _representative(cls)
+                entry = per_class.get(cls)
+                want = entry["backend"] if entry else dispatch.default(op, cpu)
+                if backends.unsupported_reason(want, dispatch.KERNEL_OP[op], cpu, dtype) is not None:
+                    continue
+                assert dispatch.choose("auto", op, cpu, dtype, batch, size, training) == want, (op, cls)
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_auto_module_runs_the_table_choice(monkeypatch, mode):
+    """The module under auto runs PyTorch's kernel where the table says native, ours elsewhere."""
+    cpu = torch.device("cpu")
+    ref, ours = _pair(mode, num_layers=1)
+    ours.backend = "auto"
+    x = torch.randn(6, 4, 5)
+    with torch.no_grad():
+        for choice in ("native", "cpp"):
+            monkeypatch.setattr(dispatch, "table_choice", lambda *a, c=choice: c)
+            calls = []
+            real = getattr(torch._VF, mode.lower())
+            monkeypatch.setattr(torch._VF, mode.lower(), lambda *a, **k: calls.append(1) or real(*a, **k),
+                                raising=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the normal choices never warn
+                out = ours(x)[0]
+            monkeypatch.undo()
+            assert bool(calls) == (choice == "native")
+            torch.testing.assert_close(out, ref(x)[0])
+    assert dispatch.choose("auto", mode, cpu, torch.float32, 4, 7, False) in backends.NAMES
+
+
+def test_cuda_defaults_to_native_for_layers_and_cells():
+    """With no GPU table committed, auto on CUDA means native for layers and cells."""
+    cuda = torch.device("cuda", 0)
+    if dispatch.table_for(cuda) is not None:
+        pytest.skip("a CUDA table is in force here")
+    for op in dispatch.LAYER_OPS + dispatch.CELL_OPS:
+        assert dispatch.table_choice(op, cuda, torch.float32, 16, 512, True) == "native"
+    assert dispatch.table_choice("additive_attention", cuda, torch.float32, 16, 1, True) == "torch"
+
+
+def test_info_prints_the_table():
+    assert "auto on cpu" in backends.describe()
