@@ -40,6 +40,9 @@ CONFIGS = ([Config("decoder-step", 64, 1, tk, 512) for tk in (50, 200, 1000, 400
               Config("gnmt", 256, 50, 50, 1024)]
            + [Config("all-queries", 32, t, t, 256) for t in (128, 512, 1024)])
 QUICK_CONFIGS = [Config("decoder-step", 4, 1, 16, 32), Config("all-queries", 2, 8, 8, 16)]
+# the dispatch run on CPU (bench/dispatch.py): shapes whose naive baseline fits a small machine
+DISPATCH_CONFIGS = [Config("decoder-step", 64, 1, 50, 512), Config("decoder-step", 64, 1, 200, 512),
+                    Config("all-queries", 32, 50, 50, 256)]
 DTYPE = torch.float32
 
 
@@ -136,12 +139,12 @@ def _cpp_approx_tanh(d):
     return run, []
 
 
-def cases(ctx: Context) -> List[Case]:
+def cases(ctx: Context, configs=None) -> List[Case]:
     out = []
     for op in ("additive_attention", "dot_attention"):
         additive = op == "additive_attention"
         naive = naive_additive if additive else naive_dot
-        for cfg in (QUICK_CONFIGS if ctx.quick else CONFIGS):
+        for cfg in configs or (QUICK_CONFIGS if ctx.quick else CONFIGS):
             for dtype in ctx.dtypes_for(DTYPE):
                 B, Tq, Tk, A = cfg.B, cfg.Tq, cfg.Tk, cfg.A
                 n_in = B * Tq * A + 2 * B * Tk * A + (A if additive else 0) + B * Tk / elt_size(dtype)

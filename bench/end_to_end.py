@@ -7,6 +7,12 @@
   graph with --graphs.
 Each reports target tokens per second (B * T / time).
 
+The tutorial-style model (bench/tutorial_model.py: PyTorch's seq2seq tutorial's encoder and
+attention decoder, nn.GRU run one step at a time in the decoder) is timed unpatched (`plain
+(unpatched)`) and after `fused_s2s.patch(model, backend)` (`ours:<backend>`):
+tutorial_train_step (teacher forced, NLL loss, backward) and tutorial_greedy (encode and T
+argmax steps, no_grad).
+
 The plain twin has the same parameters: nn.GRU/nn.LSTM (cuDNN on CUDA) over packed sources
 for the encoder, nn.GRUCell/nn.LSTMCell for the decoder, and the naive attention code of
 bench.attention.
@@ -18,6 +24,7 @@ import math
 from typing import List, NamedTuple
 
 import torch
+import torch.nn.functional as TF
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -186,13 +193,65 @@ def _ours(cfg: Config, op: str):
     return bind_backend
 
 
-def cases(ctx: Context) -> List[Case]:
+class TutorialConfig(NamedTuple):
+    name: str
+    B: int
+    S: int
+    T: int
+    H: int
+    vocab: int
+
+
+TUTORIAL_CONFIGS = [TutorialConfig("tutorial", 32, 10, 10, h, 2000) for h in (128, 256)]
+QUICK_TUTORIAL_CONFIGS = [TutorialConfig("tutorial", 4, 5, 5, 16, 30)]
+DISPATCH_CONFIGS = None  # the dispatch run measures the default configs
+
+
+def _tutorial_inputs(cfg: TutorialConfig):
+    def make(device, dtype, rg):
+        from .tutorial_model import TutorialSeq2Seq
+        model = TutorialSeq2Seq(cfg.vocab, cfg.vocab, cfg.H).to(device=device, dtype=dtype)
+        return dict(model=model, src=torch.randint(1, cfg.vocab, (cfg.B, cfg.S), device=device),
+                    tgt=torch.randint(1, cfg.vocab, (cfg.B, cfg.T), device=device))
+    return make
+
+
+def _tutorial_bind(cfg: TutorialConfig, op: str, patch_backend):
+    """patch_backend None: the model as written; else a patched copy with that backend."""
+    def bind(d):
+        model = copy.deepcopy(d["model"])
+        if patch_backend is not None:
+            import fused_s2s
+            fused_s2s.patch(model, backend=patch_backend)
+        if op == "tutorial_train_step":
+            model.train()
+            loss = lambda: (TF.nll_loss(model(d["src"], d["tgt"]).flatten(0, 1), d["tgt"].flatten()),)  # noqa: E731
+            return loss, list(model.parameters())
+        model.eval()
+        return (lambda: (model(d["src"], None, cfg.T).argmax(-1),)), []
+    return bind
+
+
+def _tutorial_cases(ctx: Context) -> List[Case]:
+    out = []
+    for cfg in (QUICK_TUTORIAL_CONFIGS if ctx.quick else TUTORIAL_CONFIGS):
+        for dtype in ctx.dtypes_for(DTYPE):
+            for op, passes in (("tutorial_train_step", "fwd+bwd"), ("tutorial_greedy", "fwd")):
+                impls: List[Impl] = ours(ctx, ("gru_cell",), dtype, lambda b, op=op, cfg=cfg: _tutorial_bind(cfg, op, b))
+                impls.append(Impl("plain (unpatched)", _tutorial_bind(cfg, op, None)))
+                out.append(Case(family="end_to_end", op=op, config=dict(cfg=cfg.name, B=cfg.B, S=cfg.S, T=cfg.T, H=cfg.H),
+                                dtype=dtype, passes=passes, make_inputs=_tutorial_inputs(cfg), impls=impls,
+                                unit=("tokens", cfg.B * cfg.T), rotate=False))
+    return out
+
+
+def cases(ctx: Context, configs=None) -> List[Case]:
     try:
         import fused_s2s.models  # noqa: F401
     except Exception:
         return []  # the demo model is not part of this checkout yet
-    out = []
-    for cfg in (QUICK_CONFIGS if ctx.quick else CONFIGS):
+    out = _tutorial_cases(ctx)
+    for cfg in configs or (QUICK_CONFIGS if ctx.quick else CONFIGS):
         for dtype in ctx.dtypes_for(DTYPE):
             for op, (passes, _) in OPS.items():
                 rnn_op = "gru_cell" if cfg.cell == "gru" else "lstm_cell"

@@ -45,7 +45,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="config",
                    help="'config' (each config's own dtype, as the issue lists them) or a comma-separated "
                         f"list of {', '.join(DTYPES)} replacing it")
-    p.add_argument("--backends", default="torch,cpp,triton", help="our backends to measure (those present)")
+    p.add_argument("--backends", default="torch,cpp,triton,native,auto",
+                   help="our backends to measure (those present); native: PyTorch's own kernels on our modules, "
+                        "auto: the default choice")
+    p.add_argument("--dispatch-table", metavar="PATH", default=None,
+                   help="measure the candidates of `auto` interleaved, write its dispatch table to PATH (e.g. "
+                        "fused_s2s/dispatch_cpu.py) and time `auto` against the baselines with it; see bench/dispatch.py")
     p.add_argument("--quick", action="store_true", help="small configs and short timing (CPU, CI)")
     p.add_argument("--graphs", action="store_true", help="also time per-step rows inside CUDA graphs")
     p.add_argument("--compile", choices=("dynamic", "static", "off"), default="dynamic",
@@ -78,6 +83,8 @@ def build_cases(args: argparse.Namespace, ctx: Context) -> List[Case]:
 def load_reason(backend: str) -> Optional[str]:
     """None if our backend loads here, else why not (only the backends asked for are loaded)."""
     from fused_s2s import backends
+    if backend == "auto":
+        return None  # a choice among the others, always there
     try:
         backends.load(backend)
         return None
@@ -160,6 +167,9 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     ctx = Context(device=device, compiler=Compiler(args.compile), quick=args.quick, dtypes=dtypes,
                   backends=[b for b, why in backend_notes.items() if why is None])
     cases = build_cases(args, ctx)
+    if args.dispatch_table:
+        from bench import dispatch
+        return dispatch.run(args, ctx, "python -m bench " + " ".join(sys.argv[1:]))
     if args.list:
         for c in cases:
             print(c.id + ("  [step]" if c.step else ""))

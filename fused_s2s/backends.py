@@ -74,8 +74,22 @@ def get_backend() -> str:
     """The process-wide default: set_backend(), else $FUSED_S2S_BACKEND, else "auto"."""
     if _process_backend is not None:
         return _process_backend
-    env = os.environ.get("FUSED_S2S_BACKEND")
+    env = _backend_env()
     return _check_name(env, "FUSED_S2S_BACKEND") if env else "auto"
+
+
+_ENV_DATA = getattr(os.environ, "_data", None)  # CPython's dict under os.environ
+_ENV_KEY = os.environ.encodekey("FUSED_S2S_BACKEND") if _ENV_DATA is not None else None
+
+
+def _backend_env() -> Optional[str]:
+    """$FUSED_S2S_BACKEND, read without os.environ.get's cost for a missing name (a KeyError
+    raised and caught: ~3 us on a busy CPU, more than a cell step's whole dispatch), since
+    this runs on every call; os.environ writes go to the same dict, so changes are seen."""
+    if _ENV_DATA is None:
+        return os.environ.get("FUSED_S2S_BACKEND")
+    value = _ENV_DATA.get(_ENV_KEY)
+    return None if value is None else os.environ.decodevalue(value)
 
 
 def _import_triton_kernels() -> ModuleType:
@@ -135,6 +149,8 @@ def load(name: str) -> ModuleType:
 
 def unsupported_reason(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """None if backend `name` can run `op` on tensors of this device and dtype, else why not."""
+    if name == "auto":
+        return None  # a choice among the others, `torch` at worst
     try:
         module = load(name)
     except BackendUnavailable as e:

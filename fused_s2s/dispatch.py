@@ -116,7 +116,9 @@ def default(op: str, device: torch.device) -> str:
 def table_choice(op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int,
                  training: bool) -> str:
     """The backend the table in force names for this call's class (or the default)."""
-    key = (op, device.type, device.index, dtype, batch_class(batch), size_class(op, size), training)
+    # runs on every call: the classes inline, one dict lookup when seen before
+    key = (op, device, dtype, 0 if batch <= 1 else (1 if batch <= 16 else 2),
+           size <= (1 if op in ATTENTION_OPS else 256), training)
     choice = _choices.get(key)
     if choice is None:
         table = table_for(device)

@@ -23,6 +23,7 @@ from . import backends, dispatch, functional, persistent_autograd
 
 class _CellBase(nn.Module):
     gates: int
+    op: str
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
                  backend: Optional[str] = None) -> None:
@@ -48,6 +49,16 @@ class _CellBase(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
+    def _backend_for(self, input, hx) -> Optional[str]:
+        """The backend for this step (see fused_s2s.dispatch); None leaves bad input to the
+        functional API's checks."""
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+            return self.backend
+        training = torch.is_grad_enabled() and (input.requires_grad or self.weight_hh.requires_grad
+                                                or (isinstance(hx, Tensor) and hx.requires_grad))
+        return dispatch.choose(self.backend, self.op, input.device, input.dtype,
+                               input.shape[0] if input.dim() == 2 else 1, self.hidden_size, training)
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if not self.bias:
@@ -57,20 +68,39 @@ class _CellBase(nn.Module):
 
 class GRUCell(_CellBase):
     """nn.GRUCell with fused kernels: forward(input (B,I) or (I,), hx=None) -> h'."""
-    gates = 3
+    gates, op = 3, "gru_cell"
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        backend = self._backend_for(input, hx)
+        if backend == "native" and (hx is None or hx.dim() == input.dim()):
+            # nn.GRUCell's own path (its kernel checks shapes and dtypes); no extra cost per step
+            batched = input.dim() == 2
+            x = input if batched else input.unsqueeze(0)
+            h = x.new_zeros(x.shape[0], self.hidden_size) if hx is None else (hx if batched else hx.unsqueeze(0))
+            out = torch._VF.gru_cell(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            return out if batched else out.squeeze(0)
         return functional.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                                   backend=self.backend)
+                                   backend=backend)
 
 
 class LSTMCell(_CellBase):
     """nn.LSTMCell with fused kernels: forward(input, (hx, cx)=None) -> (h', c')."""
-    gates = 4
+    gates, op = 4, "lstm_cell"
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        backend = self._backend_for(input, None if hx is None else hx[0])
+        if backend == "native" and (hx is None or (len(hx) == 2 and hx[0].dim() == hx[1].dim() == input.dim())):
+            batched = input.dim() == 2  # nn.LSTMCell's own path, as GRUCell's
+            x = input if batched else input.unsqueeze(0)
+            if hx is None:
+                zeros = x.new_zeros(x.shape[0], self.hidden_size)
+                hx = (zeros, zeros)
+            elif not batched:
+                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+            h, c = torch._VF.lstm_cell(x, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
         return functional.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                                    backend=self.backend)
+                                    backend=backend)
 
 
 # ---------------------------------------------------------------------------------- layers
@@ -197,7 +227,7 @@ class _RecurrentLayers(nn.Module):
             if self.batch_first and batched:
                 x = x.transpose(0, 1)
             steps, batch = x.shape[0], x.shape[1]
-            data = x.reshape(steps * batch, x.shape[2])
+            data = x  # rows (T*B, I) are made below, only for our kernels (a copy when batch_first)
             batch_sizes = [batch] * steps
             if lengths is not None:
                 if not batched:
@@ -208,7 +238,7 @@ class _RecurrentLayers(nn.Module):
                                f"got {data.shape[-1]}")
         if not data.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got {data.dtype}")
-        first = next(self.parameters())
+        first = self.weight_ih_l0
         autocast = torch.is_autocast_enabled(data.device.type)  # then dtypes may differ
         if (data.dtype != first.dtype and not autocast) or data.device != first.device:
             raise RuntimeError(f"input ({data.dtype}, {data.device}) and parameters ({first.dtype}, "
@@ -223,6 +253,8 @@ class _RecurrentLayers(nn.Module):
             out, final = self._run_native(input.data if packed else input, batch_sizes_t if packed else None,
                                           states, lengths, batched)
         else:
+            if not packed:
+                data = data.reshape(-1, data.shape[2])
             if lengths is not None:  # padding is ignored as packing would, even NaN
                 padding = torch.arange(len(batch_sizes), device=data.device)[:, None] >= lengths  # (T, B)
                 data = data.masked_fill(padding.reshape(-1, 1), 0)
@@ -260,7 +292,8 @@ class _RecurrentLayers(nn.Module):
         run: cuDNN on CUDA, oneDNN or ATen on CPU) -> (output, final states). x: the packed
         rows with their batch_sizes, or the padded input as the caller gave it."""
         run = torch._VF.lstm if self.has_cell_state else torch._VF.gru
-        flat = [getattr(self, n) for n in self._flat_weights_names]  # nn's order
+        params = self._parameters  # (getattr for a weight that is no longer a plain Parameter, e.g. parametrized)
+        flat = [params[n] if n in params else getattr(self, n) for n in self._flat_weights_names]  # nn's order
         hx = tuple(states) if self.has_cell_state else states[0]
         setup = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         if batch_sizes is not None:
