@@ -147,6 +147,8 @@ def choose(requested: Optional[str], op: str, device: torch.device, dtype: torch
     choice = table_choice(op, device, dtype, batch, size, training)
     if choice == "native":
         return "native" if native_reason is None else "auto"
+    if op not in ATTENTION_OPS and native_reason is None and torch.jit.is_tracing():
+        return "native"  # torch.jit.trace records PyTorch's RNN ops as it does nn's, not our kernels
     if backends.unsupported_reason(choice, KERNEL_OP[op], device, dtype) is None:
         return choice
     return "native" if op not in ATTENTION_OPS and native_reason is None else "auto"

@@ -114,6 +114,7 @@ class _RecurrentLayers(nn.Module):
     `proj_size` (LSTM only, as in nn.LSTM): h is projected to proj_size features by weight_hr_l{k}."""
     gates: int
     has_cell_state: bool
+    op: str  # the op's name in the dispatch table
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -283,7 +284,7 @@ class _RecurrentLayers(nn.Module):
         training = torch.is_grad_enabled() and (data.requires_grad or first.requires_grad)
         dtype = torch.get_autocast_dtype(data.device.type) if torch.is_autocast_enabled(data.device.type) \
             else data.dtype
-        return dispatch.choose(self.backend, type(self).__name__, data.device, dtype, batch, self.hidden_size,
+        return dispatch.choose(self.backend, self.op, data.device, dtype, batch, self.hidden_size,
                                training, _native_reason(data, steps, packed, lengths))
 
     def _run_native(self, x: Tensor, batch_sizes: Optional[Tensor], states: List[Tensor],
@@ -411,7 +412,7 @@ def _to_padded(data: Tensor, batch_sizes: List[int], lengths: Optional[Tensor]):
 
 class GRU(_RecurrentLayers):
     """nn.GRU with fused kernels. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
-    gates, has_cell_state = 3, False
+    gates, has_cell_state, op = 3, False, "GRU"
 
     def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths, backend):
         w_ih, w_hh, b_ih, b_hh = weights
@@ -426,7 +427,7 @@ class LSTM(_RecurrentLayers):
     """nn.LSTM with fused kernels. forward(input, (h_0, c_0)=None, *, lengths=None) -> (output, (h_n, c_n)).
     With proj_size = P > 0 (LSTMP): h_n and the output have P features per direction, c_n keeps
     hidden_size, and each layer direction has weight_hr_l{k}[_reverse] (P, hidden_size), as nn.LSTM."""
-    gates, has_cell_state = 4, True
+    gates, has_cell_state, op = 4, True, "LSTM"
 
     def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths, backend):
         w_ih, w_hh, b_ih, b_hh, *w_hr = weights
