@@ -79,7 +79,9 @@ class GRUFunction(torch.autograd.Function):
     @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 batch_sizes: Tuple[int, ...], reverse: bool, backend: str,
-                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                lengths: Optional[Tensor] = None, keep: bool = True) -> Tuple[Tensor, Tensor]:
+        """keep=False (inference: the caller runs without grad): nothing is collected or joined
+        for backward (forward itself always runs with grad off, so it cannot tell)."""
         hidden = h0.shape[1]
         active = _active_steps(lengths, len(batch_sizes))
         outs, h_prevs, saveds = [], [], []
@@ -89,12 +91,14 @@ class GRUFunction(torch.autograd.Function):
             h_new, saved = call("gru_cell_fwd", backend, gx[off:off + bs], h_prev, w_hh, b_hh)
             a = None if active is None else active[t]
             outs.append(_keep(a, h_new, 0))
-            h_prevs.append(h_prev)
-            saveds.append(_keep(a, saved, 0))
+            if keep:
+                h_prevs.append(h_prev)
+                saveds.append(_keep(a, saved, 0))
             h = _replace_rows(h, _keep(a, h_new, h_prev))
         in_order = not reverse
-        ctx.save_for_backward(_rows(h_prevs, in_order, gx, hidden), _rows(saveds, in_order, gx, 4 * hidden), w_hh,
-                              active)
+        if keep:
+            ctx.save_for_backward(_rows(h_prevs, in_order, gx, hidden), _rows(saveds, in_order, gx, 4 * hidden),
+                                  w_hh, active)
         ctx.setup = (tuple(batch_sizes), reverse, backend, b_hh is not None)
         out = torch.cat(outs if in_order else outs[::-1]) if outs else gx.new_empty(0, hidden)
         return out, h.clone() if h is h0 else h  # an output must not be an input
@@ -119,7 +123,7 @@ class GRUFunction(torch.autograd.Function):
         grad_gx, grad_gh = _rows(d_gxs, reverse, saved_all, gates), _rows(d_ghs, reverse, saved_all, gates)
         grad_w_hh = grad_gh.t() @ h_prev_all if ctx.needs_input_grad[2] else None
         grad_b_hh = grad_gh.sum(0) if has_bias and ctx.needs_input_grad[3] else None
-        return grad_gx, dh, grad_w_hh, grad_b_hh, None, None, None, None
+        return grad_gx, dh, grad_w_hh, grad_b_hh, None, None, None, None, None
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -135,8 +139,9 @@ class LSTMFunction(torch.autograd.Function):
     @_no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 batch_sizes: Tuple[int, ...], reverse: bool, backend: str,
-                lengths: Optional[Tensor] = None, w_hr: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        hidden, out_size = c0.shape[1], h0.shape[1]
+                lengths: Optional[Tensor] = None, w_hr: Optional[Tensor] = None,
+                keep: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+        hidden, out_size = c0.shape[1], h0.shape[1]  # keep: as GRUFunction's
         active = _active_steps(lengths, len(batch_sizes))
         outs, h_prevs, c_prevs, c_news, saveds = [], [], [], [], []
         h, c = h0, c0
@@ -147,14 +152,16 @@ class LSTMFunction(torch.autograd.Function):
                 h_new = h_new @ w_hr.t()
             a = None if active is None else active[t]
             c_next = _keep(a, c_new, c_prev)  # saved as c_new: finite, and with zero gates it passes dc through
-            for parts, part in ((outs, _keep(a, h_new, 0)), (h_prevs, h_prev), (c_prevs, c_prev), (c_news, c_next),
-                                (saveds, _keep(a, saved, 0))):
-                parts.append(part)
+            outs.append(_keep(a, h_new, 0))
+            if keep:
+                for parts, part in ((h_prevs, h_prev), (c_prevs, c_prev), (c_news, c_next), (saveds, _keep(a, saved, 0))):
+                    parts.append(part)
             h, c = _replace_rows(h, _keep(a, h_new, h_prev)), _replace_rows(c, c_next)
         in_order = not reverse
-        ctx.save_for_backward(_rows(h_prevs, in_order, gx, out_size),
-                              *(_rows(p, in_order, gx, hidden) for p in (c_prevs, c_news)),
-                              _rows(saveds, in_order, gx, 4 * hidden), w_hh, active, w_hr)
+        if keep:
+            ctx.save_for_backward(_rows(h_prevs, in_order, gx, out_size),
+                                  *(_rows(p, in_order, gx, hidden) for p in (c_prevs, c_news)),
+                                  _rows(saveds, in_order, gx, 4 * hidden), w_hh, active, w_hr)
         ctx.setup = (tuple(batch_sizes), reverse, backend, b_hh is not None)
         out = torch.cat(outs if in_order else outs[::-1]) if outs else gx.new_empty(0, out_size)
         return out, (h.clone() if h is h0 else h), (c.clone() if c is c0 else c)
@@ -187,7 +194,7 @@ class LSTMFunction(torch.autograd.Function):
             hidden = c_new_all.shape[1]
             unprojected = (up(saved_all[:, 3 * hidden:]) * torch.tanh(up(c_new_all))).to(c_new_all.dtype)
             grad_w_hr = _rows(grad_h_parts, reverse, saved_all, w_hr.shape[0]).t() @ unprojected
-        return grad_gates_all, dh, dc, grad_w_hh, grad_b_hh, None, None, None, None, grad_w_hr
+        return grad_gates_all, dh, dc, grad_w_hh, grad_b_hh, None, None, None, None, grad_w_hr, None
 
 
 def _reduce_to_key_rows(grad_rows: Tensor, like: Tensor, kv_batch_idx: Optional[Tensor]) -> Tensor:

@@ -170,7 +170,7 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
     gx = F.linear(x, w_ih, b_ih).contiguous()  # the input projection: one GEMM for all steps
     return GRUFunction.apply(gx, h0.contiguous(), w_hh.contiguous(), b_hh, tuple(batch_sizes),
-                             reverse, _pick(backend, "gru_cell", x, gx.numel()), lengths)
+                             reverse, _pick(backend, "gru_cell", x, gx.numel()), lengths, torch.is_grad_enabled())
 
 
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
@@ -183,7 +183,7 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_
     gx = F.linear(x, w_ih, b_ih).contiguous()
     return LSTMFunction.apply(gx, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), b_hh,
                               tuple(batch_sizes), reverse, _pick(backend, "lstm_cell", x, gx.numel()), lengths,
-                              None if w_hr is None else w_hr.contiguous())
+                              None if w_hr is None else w_hr.contiguous(), torch.is_grad_enabled())
 
 
 # ------------------------------------------------------------------------------- attention
