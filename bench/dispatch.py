@@ -9,7 +9,8 @@ beside the module or code it replaces, interleaved: one call of each implementat
 round, the order reversed every other round, so that a shared machine's drift hits all of
 them alike. Each shape class (fused_s2s.dispatch) gets the default (`native` for layers and
 cells, `cpp` for attention) unless another candidate beat it by more than MARGIN in the median
-of the per-round ratios in every case of the class. The table is written as a Python module,
+of the per-round ratios, and in four rounds of five (their 20th percentile above 1), in every
+case of the class. The table is written as a Python module,
 which `fused_s2s.dispatch` loads (a `dispatch_<kind>.py` in the package is in force on that
 device kind).
 
@@ -62,7 +63,7 @@ def _is_baseline(family: str, name: str) -> bool:
 def phase_cases(ctx: Context, phase: int, rx=None) -> List[Case]:
     """The cases of a phase with only the implementations it times: the candidates (phase 1)
     or `auto` (phase 2), each beside its baseline."""
-    fams = [layers, cells, attention] + ([end_to_end] if phase == 2 else [])
+    fams = [cells, attention, layers] + ([end_to_end] if phase == 2 else [])  # cheap first: a cut run keeps them
     out = []
     for fam in fams:
         for case in fam.cases(ctx, None if ctx.quick else fam.DISPATCH_CONFIGS):
@@ -74,7 +75,9 @@ def phase_cases(ctx: Context, phase: int, rx=None) -> List[Case]:
                 continue
             impls = [i for i in case.impls if i.name in keep or (not i.ours and _is_baseline(case.family, i.name))]
             out.append(Case(**{**case.__dict__, "impls": impls}))
-    return out
+    order = {"cells": 0, "attention": 1, "layers": 2, "end_to_end": 3}
+    cost = lambda c: c.config.get("T", 1) * c.config.get("B", 1) * c.config.get("H", c.config.get("A", 1)) ** 2  # noqa: E731
+    return sorted(out, key=lambda c: (order[c.family], cost(c)))
 
 
 # -------------------------------------------------------------------------------- timing
@@ -183,7 +186,8 @@ def build_table(records: List[Dict[str, Any]], device: torch.device, env: Dict[s
             if cand == default:
                 continue
             meds = [summary(ratios(r, f"ours:{default}", f"ours:{cand}")) for r in recs]
-            if meds and all(m is not None for m in meds):
+            # faster by more than MARGIN in the median and in 4 rounds of 5 (p20 > 1), in every case
+            if meds and all(m is not None and m["p20"] > 1.0 for m in meds):
                 worst = min(m["median"] for m in meds)
                 if worst > best:
                     pick, best = cand, worst
@@ -274,10 +278,24 @@ def run(args, ctx: Context, command: str) -> Dict[str, Any]:
     env = environment(device)
     budget = args.budget_ms / 1e3 if args.budget_ms else (0.02 if args.quick else 1.0)
 
-    def measure_all(cases: List[Case], tag: str) -> List[Dict[str, Any]]:
+    start = time.time()
+
+    def measure_all(cases: List[Case], tag: str, share: float) -> List[Dict[str, Any]]:
+        """Cases past the phase's share of --time-budget (or after Ctrl-C) are listed as not measured."""
         out = []
+        deadline = None if args.time_budget is None else start + share * args.time_budget
         for i, case in enumerate(cases):
-            rec = measure(case, settings, budget)
+            if (deadline is not None and time.time() > deadline) or stopped:
+                out.append(dict(id=case.id, family=case.family, op=case.op, config=case.config,
+                                dtype=dtype_name(case.dtype), passes=case.passes, load=load(), results={},
+                                skip="interrupted" if stopped else "time budget spent"))
+                continue
+            try:
+                rec = measure(case, settings, budget)
+            except KeyboardInterrupt:
+                stopped.append(True)
+                print("interrupted: writing what was measured", flush=True)
+                continue
             out.append(rec)
             print(f"[{tag} {i + 1}/{len(cases)}] {case.id} (load {rec['load']}): " + "; ".join(
                 f"{n} {fmt_time(v.get('ms')) if v.get('ms') is not None else 'skip'}"
@@ -285,7 +303,8 @@ def run(args, ctx: Context, command: str) -> Dict[str, Any]:
         return out
 
     rx = re.compile(args.filter) if args.filter else None
-    phase1 = measure_all(phase_cases(ctx, 1, rx), "candidates")
+    stopped: List[bool] = []
+    phase1 = measure_all(phase_cases(ctx, 1, rx), "candidates", 0.6)
     table = build_table(phase1, device, env, command)
     write_table(args.dispatch_table, table)
     # the new table in force for phase 2: loaded from the file just written
@@ -295,7 +314,7 @@ def run(args, ctx: Context, command: str) -> Dict[str, Any]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     dispatch._tables = [module.TABLE] + [t for t in dispatch._load_tables() if t["kind"] != table["kind"]]
-    phase2 = measure_all(phase_cases(ctx, 2, rx), "auto")
+    phase2 = measure_all(phase_cases(ctx, 2, rx), "auto", 1.0)
     records = phase1 + phase2
     rows = result_rows(phase1) + result_rows(phase2)
     noise = noise_of(phase1)

@@ -221,3 +221,31 @@ def test_cuda_defaults_to_native_for_layers_and_cells():
 
 def test_info_prints_the_table():
     assert "auto on cpu" in backends.describe()
+
+
+def test_dispatch_run_writes_a_table_auto_can_use(tmp_path):
+    """The runner's --dispatch-table mode (quick configs, two cases): a loadable table with
+    an entry per measured class, and the interleaved rows of both phases with their spread."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import run
+    path = tmp_path / "dispatch_test.py"
+    try:
+        run.run_suite(["--device", "cpu", "--quick", "--compile", "off", "--filter", "cells/gru_cell/B=1,",
+                       "--dispatch-table", str(path), "--out", str(tmp_path), "--name", "d"])
+    finally:
+        dispatch.reset()
+    spec = importlib.util.spec_from_file_location("dispatch_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    entries = module.TABLE["entries"]["gru_cell"]["float32"]
+    assert set(entries) == {"B=1,H<=256,fwd", "B=1,H<=256,fwd+bwd"}
+    assert all(e["backend"] in ("native", "cpp") for e in entries.values())
+    data = json.loads((tmp_path / "d.json").read_text())
+    backends_seen = {r["backend"] for r in data["rows"]}
+    assert {"ours:native", "ours:cpp", "ours:auto"} <= backends_seen
+    assert all(r["vs_baseline"]["p20"] <= r["vs_baseline"]["median"] <= r["vs_baseline"]["p80"] for r in data["rows"])
+    assert "load" in (tmp_path / "d.md").read_text()
