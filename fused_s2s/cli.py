@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--cell", choices=("gru", "lstm"), default="gru", help="recurrent cell (default: gru)")
     demo.add_argument("--attention", choices=("bahdanau", "dot", "general", "concat"), default="bahdanau",
                       help="bahdanau (Bahdanau et al.) or a Luong score with input feeding (default: bahdanau)")
-    demo.add_argument("--backend", choices=("auto", "torch", "cpp", "triton"), default="auto",
+    demo.add_argument("--backend", choices=("auto", "torch", "cpp", "triton", "native"), default="auto",
                       help="kernels for every cell and attention call (default: auto)")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     demo.add_argument("--hidden-size", type=_positive_int, default=128,
@@ -156,7 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
                          f"import ({error}): pip install matplotlib") from None
     import torch
 
-    from . import backends
+    from . import backends, dispatch
     from .data import date_task, date_vocabs, encode_sources, training_batches
     from .decoding import greedy_decode, translate
     from .models import Seq2Seq
@@ -172,9 +172,13 @@ def run_demo(args: argparse.Namespace) -> int:
     src_vocab, tgt_vocab = date_vocabs()
     model = Seq2Seq(len(src_vocab), len(tgt_vocab), args.embedding_size, args.hidden_size, args.layers, args.cell,
                     args.attention, dropout=args.dropout, backend=args.backend).to(device)
-    kernels = {op: backends.resolve(args.backend, op, device, torch.float32)
-               for op in ("gru_cell" if args.cell == "gru" else "lstm_cell",
+    # what runs each part while training (the choice of `auto` depends on the shapes: fused_s2s.dispatch)
+    kernels = {op: dispatch.choose(None if args.backend == "native" and "attention" in op else args.backend, op,
+                                   device, torch.float32, args.batch_size, args.hidden_size, True)
+               for op in (args.cell.upper(), f"{args.cell}_cell",
                           "additive_attention" if args.attention in ("bahdanau", "concat") else "dot_attention")}
+    kernels = {op: backends.resolve(None, dispatch.KERNEL_OP[op], device, torch.float32) if name == "auto" else name
+               for op, name in kernels.items()}
     say(f"fused_s2s demo: dates written many ways -> ISO dates ({len(train_pairs)} train, {len(test_pairs)} "
         f"held-out pairs), e.g. {train_pairs[0][0]!r} -> {train_pairs[0][1]!r}")
     say(f"model: {args.cell.upper()} encoder-decoder, {args.attention} attention, hidden {args.hidden_size}, "

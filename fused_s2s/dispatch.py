@@ -135,8 +135,12 @@ def choose(requested: Optional[str], op: str, device: torch.device, dtype: torch
     """The backend that runs one layer, cell or attention call: "native", or a kernel backend
     name (or "auto" for the kernel-level choice of `backends.resolve`, which checks it and
     warns once when it falls back). `native_reason`: why PyTorch's kernel cannot take this
-    particular call (packed input under torch.compile, ...), or None."""
+    particular call (packed input under torch.compile, ...), or None. A process-wide "native"
+    (set_backend, $FUSED_S2S_BACKEND) leaves attention to auto; asked for by name on attention,
+    it raises BackendUnavailable."""
     name = backends._check_name(requested) if requested is not None else backends.get_backend()
+    if name == "native" and requested is None and op in ATTENTION_OPS:
+        name = "auto"  # a process-wide native means PyTorch's kernels where it has them: not for attention
     if name == "native":
         reason = native_reason or backends.unsupported_reason("native", KERNEL_OP[op], device, dtype)
         if reason is not None:

@@ -114,16 +114,17 @@ class AttnDecoder(nn.Module):
         self.luong = attention != "bahdanau"
         attention_size = attention_size or hidden_size
         self.embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=PAD)
+        attention_backend = None if backend == "native" else backend  # native has no attention: auto's choice
         self.dropout = nn.Dropout(dropout)
         if self.luong:
             if attention == "dot" and memory_size != hidden_size:
                 raise ValueError(f"attention='dot' needs hidden_size == memory_size, got {hidden_size} and {memory_size}")
             self.attention = LuongAttention(hidden_size, memory_size, score=attention,
-                                            hidden_size=attention_size, backend=backend)
+                                            hidden_size=attention_size, backend=attention_backend)
             rnn_input = embedding_size + hidden_size  # input feeding
             self.combine = nn.Linear(memory_size + hidden_size, hidden_size, bias=False)
         else:
-            self.attention = BahdanauAttention(hidden_size, memory_size, attention_size, backend=backend)
+            self.attention = BahdanauAttention(hidden_size, memory_size, attention_size, backend=attention_backend)
             rnn_input = embedding_size + memory_size
             self.combine = nn.Linear(hidden_size + memory_size + embedding_size, hidden_size)
         cell_cls = GRUCell if cell == "gru" else LSTMCell
