@@ -210,7 +210,8 @@ DISPATCH_CONFIGS = None  # the dispatch run measures the default configs
 def _tutorial_inputs(cfg: TutorialConfig):
     def make(device, dtype, rg):
         from .tutorial_model import TutorialSeq2Seq
-        model = TutorialSeq2Seq(cfg.vocab, cfg.vocab, cfg.H).to(device=device, dtype=dtype)
+        # no dropout: every implementation's outputs are compared before timing
+        model = TutorialSeq2Seq(cfg.vocab, cfg.vocab, cfg.H, dropout=0.0).to(device=device, dtype=dtype)
         return dict(model=model, src=torch.randint(1, cfg.vocab, (cfg.B, cfg.S), device=device),
                     tgt=torch.randint(1, cfg.vocab, (cfg.B, cfg.T), device=device))
     return make

@@ -58,9 +58,10 @@ class AttnDecoderRNN(nn.Module):
 
 
 class TutorialSeq2Seq(nn.Module):
-    def __init__(self, src_vocab: int, tgt_vocab: int, hidden: int) -> None:
+    def __init__(self, src_vocab: int, tgt_vocab: int, hidden: int, dropout: float = 0.1) -> None:
         super().__init__()
-        self.encoder, self.decoder = EncoderRNN(src_vocab, hidden), AttnDecoderRNN(hidden, tgt_vocab)
+        self.encoder = EncoderRNN(src_vocab, hidden, dropout)
+        self.decoder = AttnDecoderRNN(hidden, tgt_vocab, dropout)
 
     def forward(self, src, targets=None, steps: int = 10):
         memory, hidden = self.encoder(src)
