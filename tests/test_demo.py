@@ -36,7 +36,7 @@ def test_demo_trains_to_high_held_out_accuracy(tmp_path):
     assert beam >= ACCURACY_THRESHOLD, text
     assert re.search(r"train: 400 steps in [\d.]+ s, [\d,]+ tokens/s", text)
     assert re.search(r"\([\d,]+ tokens/s decode\)", text)
-    assert "kernels: gru_cell -> torch, additive_attention -> torch" in text
+    assert "kernels: GRU -> torch, gru_cell -> torch, additive_attention -> torch" in text
     assert "decodes the same" in text
     png = (out / "attention.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
