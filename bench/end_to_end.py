@@ -226,10 +226,10 @@ def _tutorial_bind(cfg: TutorialConfig, op: str, patch_backend):
             fused_s2s.patch(model, backend=patch_backend)
         if op == "tutorial_train_step":
             model.train()
-            loss = lambda: (TF.nll_loss(model(d["src"], d["tgt"]).flatten(0, 1), d["tgt"].flatten()),)  # noqa: E731
+            loss = lambda: (TF.nll_loss(model(d["src"], d["tgt"])[0].flatten(0, 1), d["tgt"].flatten()),)  # noqa: E731
             return loss, list(model.parameters())
         model.eval()
-        return (lambda: (model(d["src"], None, cfg.T).argmax(-1),)), []
+        return (lambda: (model(d["src"], None, cfg.T)[0].argmax(-1),)), []
     return bind
 
 

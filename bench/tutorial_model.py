@@ -2,7 +2,8 @@
 (an embedding and a batch-first nn.GRU for the encoder; the decoder runs its nn.GRU one step at
 a time on [embedding; Bahdanau context], the attention written out with three nn.Linear), as a
 client model that `fused_s2s.patch` is applied to, unchanged otherwise. Written here from the
-tutorial's description, for the end-to-end benchmark rows "patched vs unpatched"."""
+tutorial's description, for the end-to-end benchmark rows "patched vs unpatched" and the client
+tests (tests/test_clients.py)."""
 from __future__ import annotations
 
 import torch
@@ -43,18 +44,21 @@ class AttnDecoderRNN(nn.Module):
 
     def step(self, token, hidden, memory):
         embedded = self.dropout(self.embedding(token))
-        context, _ = self.attention(hidden.permute(1, 0, 2), memory)
+        context, weights = self.attention(hidden.permute(1, 0, 2), memory)
         output, hidden = self.gru(torch.cat((embedded, context), dim=2), hidden)
-        return self.out(output), hidden
+        return self.out(output), hidden, weights
 
     def forward(self, memory, hidden, targets=None, steps: int = 10, sos: int = 0):
+        """-> (log-probabilities (B, T, V), final hidden, attention weights (B, T, S)); teacher
+        forcing with `targets`, else greedy for `steps` steps."""
         token = torch.full((memory.shape[0], 1), sos, dtype=torch.long, device=memory.device)
-        outputs = []
+        outputs, attentions = [], []
         for i in range(steps if targets is None else targets.shape[1]):
-            logits, hidden = self.step(token, hidden, memory)
+            logits, hidden, weights = self.step(token, hidden, memory)
             outputs.append(logits)
+            attentions.append(weights)
             token = targets[:, i:i + 1] if targets is not None else logits.argmax(-1).detach()
-        return F.log_softmax(torch.cat(outputs, dim=1), dim=-1)
+        return F.log_softmax(torch.cat(outputs, dim=1), dim=-1), hidden, torch.cat(attentions, dim=1)
 
 
 class TutorialSeq2Seq(nn.Module):

@@ -4,6 +4,8 @@ decoders, with the habits such code has (dispatching on isinstance(self.rnn, nn.
 proj_size, calling flatten_parameters(), counting weights through all_weights, packing). After
 patch() the same outputs, gradients and training curve as before."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -13,66 +15,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_s2s
 
-# ------------------------------------------------- the PyTorch seq2seq tutorial's shape of model
-
-
-class EncoderRNN(nn.Module):
-    def __init__(self, vocab, hidden, dropout_p=0.1):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, hidden)
-        self.gru = nn.GRU(hidden, hidden, batch_first=True)
-        self.dropout = nn.Dropout(dropout_p)
-
-    def forward(self, src):
-        return self.gru(self.dropout(self.embedding(src)))
-
-
-class AdditiveAttention(nn.Module):
-    def __init__(self, hidden):
-        super().__init__()
-        self.Wa, self.Ua, self.Va = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 1)
-
-    def forward(self, query, keys):
-        scores = self.Va(torch.tanh(self.Wa(query) + self.Ua(keys))).squeeze(2).unsqueeze(1)
-        weights = F.softmax(scores, dim=-1)
-        return torch.bmm(weights, keys), weights
-
-
-class AttnDecoderRNN(nn.Module):
-    def __init__(self, hidden, vocab, dropout_p=0.1):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, hidden)
-        self.attention = AdditiveAttention(hidden)
-        self.gru = nn.GRU(2 * hidden, hidden, batch_first=True)
-        self.out = nn.Linear(hidden, vocab)
-        self.dropout = nn.Dropout(dropout_p)
-
-    def forward_step(self, token, hidden, encoder_outputs):
-        embedded = self.dropout(self.embedding(token))
-        context, weights = self.attention(hidden.permute(1, 0, 2), encoder_outputs)
-        output, hidden = self.gru(torch.cat((embedded, context), dim=2), hidden)
-        return self.out(output), hidden, weights
-
-    def forward(self, encoder_outputs, encoder_hidden, target=None, max_length=6):
-        token = torch.zeros(encoder_outputs.shape[0], 1, dtype=torch.long)  # start of sentence
-        hidden, outputs, attentions = encoder_hidden, [], []
-        for t in range(max_length if target is None else target.shape[1]):
-            output, hidden, weights = self.forward_step(token, hidden, encoder_outputs)
-            outputs.append(output)
-            attentions.append(weights)
-            token = output.argmax(-1).detach() if target is None else target[:, t:t + 1]  # teacher forcing
-        return F.log_softmax(torch.cat(outputs, dim=1), dim=-1), hidden, torch.cat(attentions, dim=1)
-
-
-class TutorialSeq2Seq(nn.Module):
-    def __init__(self, vocab=11, hidden=16):
-        super().__init__()
-        self.encoder, self.decoder = EncoderRNN(vocab, hidden), AttnDecoderRNN(hidden, vocab)
-
-    def forward(self, src, target=None):
-        outputs, hidden = self.encoder(src)
-        return self.decoder(outputs, hidden, target)
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/ is at the root
+from bench.tutorial_model import TutorialSeq2Seq  # noqa: E402 (the PyTorch seq2seq tutorial's shape of model)
 
 # ------------------------------------------------- OpenNMT-py's shape of RNN encoder and decoders
 
@@ -254,7 +198,7 @@ def _train_side_by_side(model, loss_fn, steps):
 
 def test_tutorial_model_trains_the_same_after_patch():
     torch.manual_seed(0)
-    model = TutorialSeq2Seq()
+    model = TutorialSeq2Seq(11, 11, 16)
     g = torch.Generator().manual_seed(1)
     src, tgt = torch.randint(1, 11, (5, 7), generator=g), torch.randint(1, 11, (5, 6), generator=g)
 
@@ -267,7 +211,7 @@ def test_tutorial_model_trains_the_same_after_patch():
     assert isinstance(model.encoder.gru, nn.GRU) and model.encoder.gru.batch_first
     model.eval(), reference.eval()
     with torch.no_grad():  # greedy decoding: same tokens and attention
-        ours, theirs = model(src), reference(src)
+        ours, theirs = model(src, steps=6), reference(src, steps=6)
     assert torch.equal(ours[0].argmax(-1), theirs[0].argmax(-1))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)

@@ -63,7 +63,9 @@ def test_autocast_runs_in_low_precision(device, dtype):
             got, expected = ours.to(device)(x, state), ref.to(device)(x, state)
         got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
         for a, b in zip(got, expected):
-            assert a.dtype == dtype  # (nn.LSTMCell under CPU autocast answers in float32)
+            # nn's answer, dtype included: nn.LSTMCell given a float32 c under CPU autocast answers
+            # in float32, and `auto` runs PyTorch's own cell kernel there as nn does
+            assert a.dtype == b.dtype and a.dtype in (dtype, torch.float32)
             torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
 
 
