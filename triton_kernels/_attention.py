@@ -102,6 +102,27 @@ def kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX: tl.constexpr, 
 
 
 @triton.jit
+def forward_program(kv_idx_ptr, lengths_ptr, Tq, Tk, Dv, SPLIT_LEN,
+                    HAS_KV_IDX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What a forward program (query row i, query block, key split) works on: the key row kv,
+    the queries ts (t_ok), the value columns ds (d_ok), the split's keys [start, end), and the
+    online softmax state (m, l, acc) it starts from."""
+    i, tb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv, kv_len = kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
+    ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = ts < Tq
+    ds = tl.arange(0, BLOCK_DV)
+    d_ok = ds < Dv
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, kv_len)  # no key block past the row's length
+    m = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_DV), dtype=tl.float32)
+    return i, kv, ts, t_ok, ds, d_ok, split, start, end, m, l, acc
+
+
+@triton.jit
 def softmax_block(scores, i, kv, ts, t_ok, ss, end, m, l, acc, ds, d_ok, Tq, Tk, Dv,
                   scores_ptr, values_ptr, mask_ptr,
                   HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,

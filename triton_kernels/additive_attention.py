@@ -24,17 +24,8 @@ def _additive_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, values_ptr, mask_ptr, le
                                    HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KV_IDX: tl.constexpr,
                                    FUSED_VALUES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
                                    BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr):
-    i, tb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kv, kv_len = att.kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
-    ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = ts < Tq
-    ds = tl.arange(0, BLOCK_DV)
-    d_ok = ds < Dv
-    start = split * SPLIT_LEN
-    end = tl.minimum(start + SPLIT_LEN, kv_len)  # no key block past the row's length
-    m = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_T, BLOCK_DV), dtype=tl.float32)
+    i, kv, ts, t_ok, ds, d_ok, split, start, end, m, l, acc = att.forward_program(
+        kv_idx_ptr, lengths_ptr, Tq, Tk, Dv, SPLIT_LEN, HAS_KV_IDX, HAS_LENGTHS, BLOCK_T, BLOCK_DV)
     for s0 in range(start, end, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
         s_ok = ss < end
