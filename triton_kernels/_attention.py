@@ -161,6 +161,24 @@ def store_split(i, ts, t_ok, split, m, l, acc, ds, d_ok, Tq, Dv, NUM_SPLITS, m_p
 
 
 @triton.jit
+def feature_program(kv_idx_ptr, lengths_ptr, Tq, Tk, F, HAS_KV_IDX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                    OVER_KEYS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+    """What a program over (query row i, block b of the queries, or of the keys if OVER_KEYS,
+    feature block) works on: the key row kv and its length, the block's positions (ok: below Tq,
+    or below the row's length) and the features fs (f_ok) of F."""
+    i, b, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv, kv_len = kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
+    bound = Tq
+    if OVER_KEYS:
+        bound = kv_len
+    at = b * BLOCK + tl.arange(0, BLOCK)
+    ok = at < bound
+    fs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = fs < F
+    return i, b, kv, kv_len, at, ok, fs, f_ok
+
+
+@triton.jit
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, scores_ptr, lengths_ptr, kv_idx_ptr,
                     context_ptr, weights_ptr, lse_ptr, Tq, Tk, Dv, NUM_SPLITS,
                     HAS_LENGTHS: tl.constexpr, HAS_KV_IDX: tl.constexpr, FUSED_VALUES: tl.constexpr,
@@ -250,12 +268,8 @@ def _pt_x_kernel(p_ptr, x_ptr, lengths_ptr, kv_idx_ptr, out_ptr, Tq, Tk, D, TQ_B
                  BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr):
     """out[i, s, :] = sum_t p[i, t, s] * x[i, t, :] for s below the row's length, 0 beyond:
     per (query row, key block, feature block), looping over the queries."""
-    i, sb, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kv, kv_len = kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
-    ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = ss < kv_len
-    fs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-    f_ok = fs < D
+    i, sb, kv, kv_len, ss, s_ok, fs, f_ok = feature_program(kv_idx_ptr, lengths_ptr, Tq, Tk, D, HAS_KV_IDX, HAS_LENGTHS,
+                                                            OVER_KEYS=True, BLOCK=BLOCK_S, BLOCK_F=BLOCK_F)
     acc = tl.zeros((BLOCK_S, BLOCK_F), dtype=tl.float32)
     n_queries = tl.where(sb * BLOCK_S < kv_len, Tq, 0)  # a block past the length stays 0
     for t0 in range(0, n_queries, BLOCK_T):
@@ -277,12 +291,8 @@ def _p_y_kernel(p_ptr, y_ptr, lengths_ptr, kv_idx_ptr, out_ptr, Tq, Tk, D, TK_BU
                 BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr):
     """out[i, t, :] = sum_s p[i, t, s] * y[kv(i), s, :] over s below the row's length:
     per (query row, query block, feature block), looping over the keys."""
-    i, tb, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kv, kv_len = kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
-    ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = ts < Tq
-    fs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-    f_ok = fs < D
+    i, tb, kv, kv_len, ts, t_ok, fs, f_ok = feature_program(kv_idx_ptr, lengths_ptr, Tq, Tk, D, HAS_KV_IDX, HAS_LENGTHS,
+                                                            OVER_KEYS=False, BLOCK=BLOCK_T, BLOCK_F=BLOCK_F)
     acc = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
     for s0 in range(0, kv_len, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)

@@ -54,12 +54,9 @@ def _additive_attention_bwd_dq_kernel(d_scores_ptr, q_ptr, k_ptr, v_ptr, lengths
                                       BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr):
     """dq[t] = v * sum_s dS[t, s] (1 - tanh^2), and this program's share of
     dv = sum_{t, s} dS[t, s] tanh(q[t] + k[s]): per (query row, query block, feature block)."""
-    i, tb, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kv, kv_len = att.kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
-    ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = ts < Tq
-    fs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-    f_ok = fs < A
+    i, tb, kv, kv_len, ts, t_ok, fs, f_ok = att.feature_program(kv_idx_ptr, lengths_ptr, Tq, Tk, A, HAS_KV_IDX,
+                                                                HAS_LENGTHS, OVER_KEYS=False, BLOCK=BLOCK_T,
+                                                                BLOCK_F=BLOCK_F)
     q = tl.load(q_ptr + (i * Tq + ts)[:, None] * A + fs[None, :], mask=t_ok[:, None] & f_ok[None, :],
                 other=0.0).to(tl.float32)
     dq = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
@@ -88,12 +85,9 @@ def _additive_attention_bwd_dk_kernel(d_scores_ptr, q_ptr, k_ptr, v_ptr, lengths
                                       BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr):
     """dk[s] = v * sum_t dS[t, s] (1 - tanh^2) for query row i: per (query row, key block,
     feature block), looping over the queries; 0 past the row's length."""
-    i, sb, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kv, kv_len = att.kv_row_and_length(i, kv_idx_ptr, lengths_ptr, Tk, HAS_KV_IDX, HAS_LENGTHS)
-    ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = ss < kv_len
-    fs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-    f_ok = fs < A
+    i, sb, kv, kv_len, ss, s_ok, fs, f_ok = att.feature_program(kv_idx_ptr, lengths_ptr, Tq, Tk, A, HAS_KV_IDX,
+                                                                HAS_LENGTHS, OVER_KEYS=True, BLOCK=BLOCK_S,
+                                                                BLOCK_F=BLOCK_F)
     k = tl.load(k_ptr + (kv * Tk + ss)[:, None] * A + fs[None, :], mask=s_ok[:, None] & f_ok[None, :],
                 other=0.0).to(tl.float32)
     dk = tl.zeros((BLOCK_S, BLOCK_F), dtype=tl.float32)
