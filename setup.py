@@ -2,7 +2,7 @@
 
 Install with `pip install --no-build-isolation .` (or `-e .`): the extension compiles against
 the torch already installed. The rules (CUDA part or not, toolkit discovery, flags, the
-FUSED_S2S_* switches) live in fused_s2s/_build.py, shared with the build on first use; it is
+FUSED_S2S_* switches) live in fused_s2s/backends/build.py, shared with the build on first use; it is
 loaded here by file path because the package itself is not importable yet.
 
 The `triton_kernels/` folder is installed as `fused_s2s.triton_kernels`: Triton's own
@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _build_rules():
-    path = os.path.join(HERE, "fused_s2s", "_build.py")
+    path = os.path.join(HERE, "fused_s2s", "backends", "build.py")
     spec = importlib.util.spec_from_file_location("fused_s2s_build_rules", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -25,7 +25,7 @@ def _build_rules():
 
 
 setup(
-    packages=["fused_s2s", "fused_s2s.triton_kernels"],
+    packages=["fused_s2s", "fused_s2s.backends", "fused_s2s.demo", "fused_s2s.triton_kernels"],
     package_dir={"fused_s2s": "fused_s2s", "fused_s2s.triton_kernels": "triton_kernels"},
     **_build_rules().setup_kwargs(),
 )

@@ -128,8 +128,8 @@ def _ours(op: str, additive: bool):
 def _cpp_approx_tanh(d):
     """The cpp forward kernel with the hardware tanh.approx.f32 (the extension's explicit
     `approx_tanh` flag; the ops use the accurate tanhf): does the approximation pay?"""
-    from fused_s2s import backends
-    kernels = backends.load("cpp")
+    from fused_s2s.backends import registry
+    kernels = registry.load("cpp")
     q = d["q"] if d["q"].dim() == 3 else d["q"].unsqueeze(1)
 
     def run():

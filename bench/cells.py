@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fused_s2s.functional as F
-from fused_s2s import reference
+from fused_s2s.backends import reference
 
 from .harness import Case, Context, Impl, compiled, elt_size, ours, randn, traffic
 

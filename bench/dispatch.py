@@ -1,17 +1,17 @@
 """The measured dispatch table for `auto`, and the interleaved rows that prove it.
 
-    python -m bench --device cpu --threads 2 --dispatch-table fused_s2s/dispatch_cpu.py \\
+    python -m bench --device cpu --threads 2 --dispatch-table fused_s2s/backends/dispatch_cpu.py \\
         --out bench/results --name cpu-dispatch
 
 Phase 1 times, on the layer, cell and attention cases of this device's list, every candidate
 `auto` may choose (layers and cells: `native` and `cpp`; attention: `cpp` and `torch`)
 beside the module or code it replaces, interleaved: one call of each implementation per
 round, the order reversed every other round, so that a shared machine's drift hits all of
-them alike. Each shape class (fused_s2s.dispatch) gets the default (`native` for layers and
+them alike. Each shape class (fused_s2s.backends.dispatch) gets the default (`native` for layers and
 cells, `cpp` for attention) unless another candidate beat both it and the baseline by more
 than MARGIN in the median of the per-round ratios, and in four rounds of five (their 20th
 percentile above 1), in every case of the class. The table is written as a Python module,
-which `fused_s2s.dispatch` loads (a `dispatch_<kind>.py` in the package is in force on that
+which `fused_s2s.backends.dispatch` loads (a `dispatch_<kind>.py` in the package is in force on that
 device kind).
 
 Phase 2 times `auto` (with the new table) against the same baselines, interleaved again, on the
@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from fused_s2s import dispatch
+from fused_s2s.backends import dispatch
 
 from . import attention, cells, end_to_end, layers
 from .harness import Case, Context, Impl, Settings, dtype_name, environment, input_sets, make_call, short_reason

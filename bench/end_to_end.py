@@ -1,4 +1,4 @@
-"""End to end: the demo model (fused_s2s.models.Seq2Seq), ours vs the same model in plain torch.nn.
+"""End to end: the demo model (fused_s2s.demo.models.Seq2Seq), ours vs the same model in plain torch.nn.
 
 - train_step: teacher-forced forward, the padding-aware cross-entropy, backward (gradients
   of every parameter; the optimizer step is the same for both and left out);
@@ -118,7 +118,7 @@ def plain_twin(model: nn.Module) -> nn.Module:
 
 def _inputs(cfg: Config):
     def make(device, dtype, rg):
-        from fused_s2s.models import Seq2Seq
+        from fused_s2s.demo.models import Seq2Seq
         model = Seq2Seq(cfg.vocab, cfg.vocab, cfg.E, cfg.H, cfg.layers, cfg.cell, cfg.attention)
         model = model.to(device=device, dtype=dtype)
         lengths = torch.randint(math.ceil(cfg.S / 2), cfg.S + 1, (cfg.B,))
@@ -132,7 +132,7 @@ def _inputs(cfg: Config):
 
 
 def _train_step(model, d):
-    from fused_s2s.models import sequence_loss
+    from fused_s2s.demo.models import sequence_loss
     model.train()
     return (lambda: (sequence_loss(model(d["src"], d["src_lengths"], d["tgt_in"]), d["tgt_out"]),)), \
         list(model.parameters())
@@ -140,7 +140,7 @@ def _train_step(model, d):
 
 def _greedy_steps(model, memory, g, steps: int):
     """`steps` greedy steps, no early stop (nothing to sync on: a CUDA graph can capture it)."""
-    from fused_s2s.decoding import greedy_step
+    from fused_s2s.demo.decoding import greedy_step
     out = []
     for step in range(steps):
         tokens, _, g = greedy_step(model, memory, g, step)
@@ -150,7 +150,7 @@ def _greedy_steps(model, memory, g, steps: int):
 
 def _greedy(model, d, steps: int):
     """Encode, then decode: the whole greedy_decode row."""
-    from fused_s2s.decoding import GreedyState
+    from fused_s2s.demo.decoding import GreedyState
     model.eval()
 
     def decode():
@@ -162,7 +162,7 @@ def _greedy(model, d, steps: int):
 def _greedy_loop(model, d, steps: int):
     """The decoder loop alone, from sources encoded once: the greedy_loop row (per-step work,
     also timed inside a CUDA graph with --graphs)."""
-    from fused_s2s.decoding import GreedyState
+    from fused_s2s.demo.decoding import GreedyState
     model.eval()
     with torch.no_grad():
         memory, start = GreedyState.start(model, d["src"], d["src_lengths"], max_len=steps)
@@ -184,7 +184,7 @@ def _bind(cfg: Config, op: str, make_model):
 def _ours(cfg: Config, op: str):
     def bind_backend(backend: str):
         def make_model(base):
-            from fused_s2s.models import Seq2Seq
+            from fused_s2s.demo.models import Seq2Seq
             model = Seq2Seq(**base.config, backend=backend)
             model.load_state_dict(base.state_dict())
             p = next(base.parameters())
@@ -248,7 +248,7 @@ def _tutorial_cases(ctx: Context) -> List[Case]:
 
 def cases(ctx: Context, configs=None) -> List[Case]:
     try:
-        import fused_s2s.models  # noqa: F401
+        import fused_s2s.demo.models  # noqa: F401
     except Exception:
         return []  # the demo model is not part of this checkout yet
     out = _tutorial_cases(ctx)

@@ -37,7 +37,7 @@ def _layer_run(cell: str, dtype, steps: int, batch: int, hidden: int, *, backwar
                max_rows_per_block: int = 16, backend: str = "cpp", nn_module: bool = False):
     """One layer direction through the persistent layer function (or the nn module with the same
     weights): outputs and, with backward, the gradients of x, h0 (c0) and every parameter."""
-    from fused_s2s import persistent_autograd as PA
+    from fused_s2s.backends import persistent_autograd as PA
 
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     torch.manual_seed(seed)
@@ -79,7 +79,7 @@ def _layer_run(cell: str, dtype, steps: int, batch: int, hidden: int, *, backwar
 def _against_nn(cell: str, dtype, steps: int, batch: int, hidden: int, backward: bool, **knobs) -> str:
     """Persistent layer vs nn in float64 and nn in `dtype` (the tolerance's yardstick)."""
     from conftest import assert_close_to_reference
-    from fused_s2s import persistent_autograd as PA
+    from fused_s2s.backends import persistent_autograd as PA
 
     probe = torch.empty(steps, batch, hidden, device=DEVICE, dtype=dtype)
     reason = PA.persistent_layer_available(cell.upper(), probe, hidden, training=backward, **knobs)
@@ -116,9 +116,9 @@ def _triton_attention(dtype, tq: int, dv: int) -> Callable[[], str]:
         """Both Triton attention ops, forward and backward, against the contract's reference in
         float64 (tolerance: twice the reference's own error in `dtype`)."""
         from conftest import assert_close_to_reference
-        from fused_s2s import backend_torch as ref, backends
+        from fused_s2s.backends import registry, torch_backend as ref
 
-        tk = backends.load("triton")
+        tk = registry.load("triton")
         g = torch.Generator(device=DEVICE).manual_seed(0)
         r = lambda *shape: torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float64).to(dtype)  # noqa: E731
         q, k, v, values = r(3, tq, 64), r(3, 300, 64), r(64), r(3, 300, dv)
@@ -149,9 +149,9 @@ def _triton_attention(dtype, tq: int, dv: int) -> Callable[[], str]:
 def _triton_persistent_shared_memory() -> str:
     """The Triton persistent route's shared-memory precheck compiles for this device and gets
     the numbers (it gives up silently where it cannot, so this is where a failure shows)."""
-    from fused_s2s import backends
+    from fused_s2s.backends import registry
 
-    pr = backends.load("triton").persistent_rnn
+    pr = registry.load("triton").persistent_rnn
     index = torch.cuda.current_device()
     need = pr._shared_memory(pr._backward_kernel, True, torch.float32, 64, index)
     limit = pr._shared_memory_limit(index)

@@ -101,10 +101,10 @@ class Context:
 
 def unsupported(ctx: Context, backend: str, ops: Sequence[str], dtype: torch.dtype) -> Optional[str]:
     """Why fused_s2s backend `backend` cannot run these ops on this device and dtype, or None."""
-    from fused_s2s import backends
+    from fused_s2s.backends import registry
     for op in ops:
         try:
-            reason = backends.unsupported_reason(backend, op, ctx.device, dtype)
+            reason = registry.unsupported_reason(backend, op, ctx.device, dtype)
         except Exception as e:
             reason = short_reason(e)
         if reason is not None:

@@ -18,7 +18,7 @@ from torch import nn
 
 import fused_s2s
 
-from fused_s2s import persistent_autograd
+from fused_s2s.backends import persistent_autograd
 
 from .harness import Case, Context, Impl, elt_size, ours, randn, traffic
 

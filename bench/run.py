@@ -50,7 +50,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "auto: the default choice")
     p.add_argument("--dispatch-table", metavar="PATH", default=None,
                    help="measure the candidates of `auto` interleaved, write its dispatch table to PATH (e.g. "
-                        "fused_s2s/dispatch_cpu.py) and time `auto` against the baselines with it; see bench/dispatch.py")
+                        "fused_s2s/backends/dispatch_cpu.py) and time `auto` against the baselines with it; see bench/dispatch.py")
     p.add_argument("--quick", action="store_true", help="small configs and short timing (CPU, CI)")
     p.add_argument("--graphs", action="store_true", help="also time per-step rows inside CUDA graphs")
     p.add_argument("--compile", choices=("dynamic", "static", "off"), default="dynamic",
@@ -82,11 +82,11 @@ def build_cases(args: argparse.Namespace, ctx: Context) -> List[Case]:
 
 def load_reason(backend: str) -> Optional[str]:
     """None if our backend loads here, else why not (only the backends asked for are loaded)."""
-    from fused_s2s import backends
+    from fused_s2s.backends import registry
     if backend == "auto":
         return None  # a choice among the others, always there
     try:
-        backends.load(backend)
+        registry.load(backend)
         return None
     except Exception as e:
         return str(e)

@@ -1,5 +1,5 @@
 """A small parity script for compute-sanitizer (memcheck, racecheck): one small call of each
-op, forward and backward, on every backend present, checked against fused_s2s.reference in
+op, forward and backward, on every backend present, checked against fused_s2s.backends.reference in
 float64.
 
     compute-sanitizer --tool memcheck python bench/sanitize_parity.py
@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 
 import fused_s2s  # noqa: E402
 import fused_s2s.functional as F  # noqa: E402
-from fused_s2s import backends, persistent_autograd, reference  # noqa: E402
+from fused_s2s.backends import persistent_autograd, reference, registry  # noqa: E402
 
 TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float64: 1e-7}
 
@@ -158,7 +158,7 @@ def _fwd_bwd(run: Run, d: Dict[str, Tensor], backend: Optional[str]) -> List[Ten
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backends", default=",".join(backends.NAMES), help="comma-separated (default: all present)")
+    p.add_argument("--backends", default=",".join(registry.NAMES), help="comma-separated (default: all present)")
     p.add_argument("--dtypes", default=None, help="comma-separated (default: float32,bfloat16 on CUDA; float32 on CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -168,13 +168,13 @@ def main(argv=None) -> int:
     failures, checks, skipped = 0, 0, 0
     for backend in args.backends.split(","):
         try:
-            backends.load(backend)
+            registry.load(backend)
         except Exception as e:
             print(f"SKIP {backend}: {e}")
             continue
         for dtype in dtypes:
             for name, op, make, run in CHECKS:
-                reason = backends.unsupported_reason(backend, op, device, dtype)
+                reason = registry.unsupported_reason(backend, op, device, dtype)
                 label = f"{backend:6s} {str(dtype).replace('torch.', ''):8s} {name}"
                 if reason is not None:
                     skipped += 1

@@ -1,6 +1,6 @@
 """`python -m fused_s2s demo | info | bench`."""
 import sys
 
-from .cli import main
+from .demo.cli import main
 
 sys.exit(main())

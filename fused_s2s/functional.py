@@ -1,18 +1,20 @@
 """The functional API: argument checks, backend choice, then the autograd Functions.
 
 Every function takes a keyword `backend=` ("auto", "torch", "cpp", "triton", and for the cells
-"native"; None means the process default, see `fused_s2s.backends` and `fused_s2s.dispatch`).
+"native"; None means the process default, see `fused_s2s.backends.registry` and
+`fused_s2s.backends.dispatch`).
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends, dispatch, ops
-from .autograd import AdditiveAttentionFunction, DotAttentionFunction, GRUFunction, LSTMFunction
+from .backends import dispatch, registry
+from .backends.autograd import AdditiveAttentionFunction, DotAttentionFunction
+from .backends.layers import gru_layer, lstm_layer
+from .backends.tensors import autocast_inputs, can_read_values, value_range
 
 # ------------------------------------------------------------------------------ arg checks
 
@@ -56,39 +58,6 @@ def _check_index(name: str, t: Optional[Tensor], shape: Tuple[int, ...], device:
     return t
 
 
-def can_read_values(t: Tensor) -> bool:
-    """Whether t's values may be read on the host for a check: not while torch.compile traces
-    nor while a CUDA graph captures (there the checks are skipped; eager runs make them)."""
-    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def value_range(t: Tensor) -> Tuple[int, int]:
-    """(min, max) of a non-empty integer tensor, with one host sync for both."""
-    lo, hi = torch.stack(torch.aminmax(t)).tolist()
-    return lo, hi
-
-
-def _pick(backend: Optional[str], op: str, t: Tensor, largest: int) -> str:
-    """The backend for this call; `largest` is the element count of its largest tensor. While
-    exporting to ONNX, the `torch` backend whatever was asked (the graph holds standard ops)."""
-    if torch.jit.is_tracing():  # it would record a kernel's outputs as constants, or fail obscurely
-        raise RuntimeError("torch.jit.trace cannot record fused_s2s's ops: use torch.export.export, or "
-                           "torch.onnx.export(..., dynamo=True) for ONNX")
-    if ops.exporting_onnx():
-        return "torch"
-    return backends.resolve(backend, op, t.device, t.dtype, largest)
-
-
-def _autocast(*tensors):
-    """Under torch.autocast, the floating tensors cast to the autocast dtype (the casts are
-    differentiable, so float32 parameters still get float32 gradients); else unchanged."""
-    first = tensors[0]
-    if not torch.is_autocast_enabled(first.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
-
-
 # ----------------------------------------------------------------------------------- cells
 
 
@@ -115,7 +84,7 @@ def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              backend: Optional[str] = None) -> Tensor:
     """One GRU step, as torch.nn.GRUCell: input (B, I) or (I,), hx (B, H) or (H,) or None."""
     if isinstance(input, Tensor):  # under autocast, mixed float32/low-precision arguments are fine
-        input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
+        input, hx, w_ih, w_hh, b_ih, b_hh = autocast_inputs(input, hx, w_ih, w_hh, b_ih, b_hh)
     hidden = _check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 3)
     batched = input.dim() == 2
     x = input if batched else input.unsqueeze(0)
@@ -134,7 +103,7 @@ def lstm_cell(input: Tensor, state: Optional[Tuple[Tensor, Tensor]], w_ih: Tenso
     """One LSTM step, as torch.nn.LSTMCell: returns (h', c')."""
     hx, cx = state if state is not None else (None, None)
     if isinstance(input, Tensor):
-        input, hx, cx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh = autocast_inputs(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     hidden = _check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 4)
     if cx is not None:
         _check_tensor("cx", cx, (input.dim(),), input)
@@ -161,29 +130,15 @@ def _cell_backend(backend: Optional[str], op: str, x: Tensor, hidden: int, tenso
     return dispatch.choose(backend, op, x.device, x.dtype, x.shape[0], hidden, training(tensors))
 
 
-def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-              b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, *,
-              lengths: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """One GRU layer direction over packed rows x (N, I) -> (output rows (N, H), h_n (B, H)).
-    `lengths` (B,) int64 on x's device, with constant batch sizes: row b runs steps t < lengths[b].
-    The arguments are those the modules have already checked."""
-    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
-    gx = F.linear(x, w_ih, b_ih).contiguous()  # the input projection: one GEMM for all steps
-    return GRUFunction.apply(gx, h0.contiguous(), w_hh.contiguous(), b_hh, tuple(batch_sizes),
-                             reverse, _pick(backend, "gru_cell", x, gx.numel()), lengths, torch.is_grad_enabled())
-
-
-def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-               b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, *,
-               lengths: Optional[Tensor] = None, backend: Optional[str] = None,
-               w_hr: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer direction over packed rows -> (output rows, h_n, c_n); `lengths` as gru_layer.
-    `w_hr` (P, H): nn.LSTM's projection (proj_size P); h0, h_n and the output rows are then (., P)."""
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    gx = F.linear(x, w_ih, b_ih).contiguous()
-    return LSTMFunction.apply(gx, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), b_hh,
-                              tuple(batch_sizes), reverse, _pick(backend, "lstm_cell", x, gx.numel()), lengths,
-                              None if w_hr is None else w_hr.contiguous(), torch.is_grad_enabled())
+def backend_for(op: str, device, dtype: torch.dtype = torch.float32, *, batch: int, size: int, training: bool,
+                backend: Optional[str] = None) -> str:
+    """The backend that a call of `op` ("GRU", "LSTM", "gru_cell", "lstm_cell",
+    "additive_attention", "dot_attention") runs on, for tensors of this device and dtype, batch
+    `batch` and hidden size (attention: queries per row) `size`: what `backend` (None: the
+    process default) resolves to, "auto" included. Raises BackendUnavailable as the call would."""
+    device = torch.device(device)
+    name = dispatch.choose(backend, op, device, dtype, batch, size, training)
+    return registry.resolve(None, dispatch.KERNEL_OP[op], device, dtype) if name == "auto" else name
 
 
 # ------------------------------------------------------------------------------- attention
@@ -194,7 +149,7 @@ def _prepare_attention(query: Tensor, keys: Tensor, values: Tensor, mask, length
     """Checks shared by both scores; returns 3-D query and normalised mask/lengths/index."""
     _check_tensor(qname, query, (2, 3))
     if isinstance(keys, Tensor) and isinstance(values, Tensor):
-        query, keys, values = _autocast(query, keys, values)
+        query, keys, values = autocast_inputs(query, keys, values)
     _check_tensor(kname, keys, (3,), query)
     _check_tensor("values", values, (3,), query)
     bk, tk = keys.shape[0], keys.shape[1]
@@ -220,7 +175,7 @@ def _pick_attention(backend: Optional[str], op: str, q: Tensor, k: Tensor, value
     name = dispatch.choose(backend, op, q.device, q.dtype, q.shape[0], q.shape[1], training((q, k, values) + others))
     if q.shape[2] == 0 or values.shape[2] == 0:
         return "torch"  # a zero feature size leaves nothing for a kernel to compute
-    return _pick(name, op, q, _attention_largest(q, k, values))
+    return dispatch.kernel_backend(name, op, q, _attention_largest(q, k, values))
 
 
 def _attention_largest(q: Tensor, k: Tensor, values: Tensor) -> int:
@@ -243,7 +198,7 @@ def additive_attention(q_proj: Tensor, k_proj: Tensor, v: Tensor, values: Tensor
     q, k, vals, mask, lengths, kv_batch_idx = _prepare_attention(
         q_proj, k_proj, values, mask, lengths, kv_batch_idx, "q_proj", "k_proj")
     _check_tensor("v", v, (1,))
-    (v,) = _autocast(v)
+    (v,) = autocast_inputs(v)
     _check_tensor("v", v, (1,), q)
     _require(q.shape[2] == k.shape[2] == v.shape[0],
              lambda: f"q_proj, k_proj and v must share the attention size, got {q.shape[2]}, {k.shape[2]}, {v.shape[0]}")

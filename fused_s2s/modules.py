@@ -9,14 +9,14 @@ these.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
-from . import backends, dispatch, functional, persistent_autograd
+from . import functional
+from .backends import dispatch, layers, native, registry
 
 # ----------------------------------------------------------------------------------- cells
 
@@ -33,7 +33,7 @@ class _CellBase(nn.Module):
                              f"{hidden_size} and {input_size}")
         kw = {"device": device, "dtype": dtype}
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
-        self.backend = None if backend is None else backends._check_name(backend)
+        self.backend = None if backend is None else registry.check_name(backend)
         self.weight_ih = nn.Parameter(torch.empty(self.gates * hidden_size, input_size, **kw))
         self.weight_hh = nn.Parameter(torch.empty(self.gates * hidden_size, hidden_size, **kw))
         if bias:
@@ -50,7 +50,7 @@ class _CellBase(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def _backend_for(self, input, hx) -> Optional[str]:
-        """The backend for this step (see fused_s2s.dispatch); None leaves bad input to the
+        """The backend for this step (see fused_s2s.backends.dispatch); None leaves bad input to the
         functional API's checks."""
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             return self.backend
@@ -107,11 +107,13 @@ class LSTMCell(_CellBase):
 
 
 class _RecurrentLayers(nn.Module):
-    """What GRU and LSTM share: parameters named and ordered as in nn.GRU/nn.LSTM, input
-    layouts (padded, batch_first, unbatched, PackedSequence, padded with `lengths=`), layers,
-    directions, dropout, and the choice between the per-step path and, on CUDA, the persistent
-    whole-sequence kernels of the cpp or triton backend (see fused_s2s.persistent_autograd).
-    `proj_size` (LSTM only, as in nn.LSTM): h is projected to proj_size features by weight_hr_l{k}."""
+    """What GRU and LSTM share: parameters named and ordered as in nn.GRU/nn.LSTM, and a
+    forward in four short steps: read the input layout (`_read_input`: padded, batch_first,
+    unbatched, PackedSequence, padded with `lengths=`), choose the path (backends.layers:
+    PyTorch's own RNN, the persistent whole-sequence kernels, or the per-step kernels), run it
+    (`_run_native` / `_run_kernels`: layers, directions, dropout), and write the output in the
+    caller's layout (`_write_output`). `proj_size` (LSTM only, as in nn.LSTM): h is projected to
+    proj_size features by weight_hr_l{k}."""
     gates: int
     has_cell_state: bool
     op: str  # the op's name in the dispatch table
@@ -134,7 +136,7 @@ class _RecurrentLayers(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bidirectional, proj_size
-        self.backend = None if backend is None else backends._check_name(backend)
+        self.backend = None if backend is None else registry.check_name(backend)
         kw = {"device": device, "dtype": dtype}
         g = self.gates * hidden_size
         self._flat_weights_names: List[str] = []
@@ -194,6 +196,54 @@ class _RecurrentLayers(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
 
+    def forward(self, input: Union[Tensor, PackedSequence], hx=None, *, lengths: Optional[Tensor] = None):
+        """As nn.GRU/nn.LSTM. `lengths` (B,) integer, ours alone: batched padded input where row b
+        is a sequence of lengths[b] steps. Same results as packing it (outputs zero past a row's
+        length, the final state is the one after its last step), without a PackedSequence: the
+        lengths stay on the device, so there is no host sync and torch.compile needs no break."""
+        seq = _read_input(input, lengths, self.batch_first, self.input_size, type(self).__name__)
+        autocast = torch.is_autocast_enabled(seq.data.device.type)  # then dtypes may differ
+        first = self.weight_ih_l0
+        if (seq.data.dtype != first.dtype and not autocast) or seq.data.device != first.device:
+            raise RuntimeError(f"input ({seq.data.dtype}, {seq.data.device}) and parameters ({first.dtype}, "
+                               f"{first.device}) must have the same dtype and device")
+        states = self._initial_states(hx, seq, autocast)
+
+        steps = len(seq.batch_sizes)
+        rows = seq.data.shape[0] if seq.packed is not None else steps * seq.batch
+        training = torch.is_grad_enabled() and (seq.data.requires_grad or self.weight_hh_l0.requires_grad
+                                                or any(s.requires_grad for s in states))
+        path, backend = layers.choose_path(self.op, self.backend, seq.data, rows, seq.batch, steps, self.hidden_size,
+                                           seq.packed is not None, seq.lengths, bool(self.proj_size), training)
+        if path == "native":
+            out, final = self._run_native(seq, states)
+        else:
+            out, final = self._run_kernels(seq, states, path, backend)
+        return _write_output(seq, out, final, path == "native", self.batch_first, self.has_cell_state)
+
+    def _initial_states(self, hx, seq: "_Input", autocast: bool) -> List[Tensor]:
+        """[h_0] or [h_0, c_0], each (L * D, B, size), in the order of the rows that run (a
+        PackedSequence's sorted order)."""
+        data, batch = seq.data, seq.batch
+        if hx is None:
+            zeros = lambda size: data.new_zeros(self.num_layers * self.num_directions, batch, size)  # noqa: E731
+            return [zeros(self.output_size)] + ([zeros(self.hidden_size)] if self.has_cell_state else [])
+        names = ("h_0", "c_0") if self.has_cell_state else ("hx",)
+        given = list(hx) if self.has_cell_state else [hx]
+        if self.has_cell_state and len(given) != 2:
+            raise TypeError("hx must be a tuple (h_0, c_0) for LSTM")
+        states = []
+        for name, s in zip(names, given):
+            if isinstance(s, Tensor) and not seq.batched:
+                if s.dim() != 2:
+                    raise RuntimeError(f"For unbatched 2-D input, {name} should also be 2-D but got {s.dim()}-D tensor")
+                s = s.unsqueeze(1)
+            self._check_state(name, s, data, batch, autocast)
+            states.append(s)
+        if seq.packed is not None and seq.packed.sorted_indices is not None:  # they come in the caller's order
+            states = [s.index_select(1, seq.packed.sorted_indices) for s in states]
+        return states
+
     def _check_state(self, name: str, state: Tensor, x: Tensor, batch: int, autocast: bool) -> None:
         size = self.hidden_size if name == "c_0" else self.output_size
         expected = (self.num_layers * self.num_directions, batch, size)
@@ -205,222 +255,104 @@ class _RecurrentLayers(nn.Module):
             raise RuntimeError(f"{name} must have the input's dtype and device ({x.dtype}, {x.device}), "
                                f"got ({state.dtype}, {state.device})")
 
-    def forward(self, input: Union[Tensor, PackedSequence], hx=None, *, lengths: Optional[Tensor] = None):
-        """As nn.GRU/nn.LSTM. `lengths` (B,) integer, ours alone: batched padded input where row b
-        is a sequence of lengths[b] steps. Same results as packing it (outputs zero past a row's
-        length, the final state is the one after its last step), without a PackedSequence: the
-        lengths stay on the device, so there is no host sync and torch.compile needs no break."""
-        packed = isinstance(input, PackedSequence)
-        if packed:
-            if lengths is not None:
-                raise ValueError("lengths is for padded input; a PackedSequence carries its own")
-            data, batch_sizes_t = input.data, input.batch_sizes
-            batch_sizes = batch_sizes_t.tolist()
-            batch = batch_sizes[0] if batch_sizes else 0
-            batched = True
-        else:
-            if not isinstance(input, Tensor):
-                raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
-            if input.dim() not in (2, 3):
-                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            batched = input.dim() == 3
-            x = input if batched else input.unsqueeze(1)
-            if self.batch_first and batched:
-                x = x.transpose(0, 1)
-            steps, batch = x.shape[0], x.shape[1]
-            data = x  # rows (T*B, I) are made below, only for our kernels (a copy when batch_first)
-            batch_sizes = [batch] * steps
-            if lengths is not None:
-                if not batched:
-                    raise ValueError("lengths needs batched (3-D) input")
-                lengths = functional._check_index("lengths", lengths, (batch,), data.device, steps)
-        if data.shape[-1] != self.input_size:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
-                               f"got {data.shape[-1]}")
-        if not data.is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor, got {data.dtype}")
-        first = self.weight_ih_l0
-        autocast = torch.is_autocast_enabled(data.device.type)  # then dtypes may differ
-        if (data.dtype != first.dtype and not autocast) or data.device != first.device:
-            raise RuntimeError(f"input ({data.dtype}, {data.device}) and parameters ({first.dtype}, "
-                               f"{first.device}) must have the same dtype and device")
-
-        states = self._initial_states(hx, data, batch, batched, autocast)
-        if packed and input.sorted_indices is not None:  # states come in the caller's batch order
-            states = [s.index_select(1, input.sorted_indices) for s in states]
-
-        name = self._choose(data, batch, len(batch_sizes), packed, lengths)
-        if name == "native":
-            out, final = self._run_native(input.data if packed else input, batch_sizes_t if packed else None,
-                                          states, lengths, batched)
-        else:
-            if not packed:
-                data = data.reshape(-1, data.shape[2])
-            if lengths is not None:  # padding is ignored as packing would, even NaN
-                padding = torch.arange(len(batch_sizes), device=data.device)[:, None] >= lengths  # (T, B)
-                data = data.masked_fill(padding.reshape(-1, 1), 0)
-            out, final = self._run_layers(data, states, batch_sizes, lengths, name)
-
-        if packed and input.unsorted_indices is not None:
-            final = [s.index_select(1, input.unsorted_indices) for s in final]
-        if packed:
-            output = PackedSequence(out, batch_sizes_t, input.sorted_indices, input.unsorted_indices)
-        else:
-            if name == "native":  # already in the input's layout
-                output = out if batched else out.squeeze(0 if self.batch_first else 1)
-            else:
-                output = out.reshape(len(batch_sizes), batch, out.shape[-1])
-                if self.batch_first and batched:
-                    output = output.transpose(0, 1)
-                if not batched:
-                    output = output.squeeze(1)
-            if not batched:
-                final = [s.squeeze(1) for s in final]
-        return output, (tuple(final) if self.has_cell_state else final[0])
-
-    def _choose(self, data: Tensor, batch: int, steps: int, packed: bool, lengths: Optional[Tensor]) -> str:
-        """"native" or the kernel backend for this call (see fused_s2s.dispatch)."""
-        first = self.weight_hh_l0
-        training = torch.is_grad_enabled() and (data.requires_grad or first.requires_grad)
-        dtype = torch.get_autocast_dtype(data.device.type) if torch.is_autocast_enabled(data.device.type) \
-            else data.dtype
-        return dispatch.choose(self.backend, self.op, data.device, dtype, batch, self.hidden_size,
-                               training, _native_reason(data, steps, packed, lengths))
-
-    def _run_native(self, x: Tensor, batch_sizes: Optional[Tensor], states: List[Tensor],
-                    lengths: Optional[Tensor], batched: bool):
-        """All layers and directions in one call of PyTorch's fused RNN (what nn.GRU/nn.LSTM
-        run: cuDNN on CUDA, oneDNN or ATen on CPU) -> (output, final states). x: the packed
-        rows with their batch_sizes, or the padded input as the caller gave it."""
-        run = torch._VF.lstm if self.has_cell_state else torch._VF.gru
+    def _run_native(self, seq: "_Input", states: List[Tensor]):
+        """The whole call on PyTorch's fused RNN, in the caller's layout (see backends.native)."""
         params = self._parameters  # (getattr for a weight that is no longer a plain Parameter, e.g. parametrized)
         flat = [params[n] if n in params else getattr(self, n) for n in self._flat_weights_names]  # nn's order
-        hx = tuple(states) if self.has_cell_state else states[0]
         setup = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
-        if batch_sizes is not None:
-            result = run(x, batch_sizes, hx, flat, *setup)
-            return result[0], list(result[1:])
-        if not batched:
-            x = x.unsqueeze(0 if self.batch_first else 1)
-        if lengths is None:
-            result = run(x, hx, flat, *setup, self.batch_first)
-            return result[0], list(result[1:])
-        # lengths=: packed and unpacked around the call (the lengths on the host: no sync on CPU,
-        # one on CUDA, as packing costs there); rows of length 0 keep their state, output zeros
-        host = lengths.cpu()
-        total = x.shape[1 if self.batch_first else 0]
-        if bool((host == total).all()):
-            result = run(x, hx, flat, *setup, self.batch_first)
-            return result[0], list(result[1:])
-        p = pack_padded_sequence(x, host.clamp(min=1), batch_first=self.batch_first, enforce_sorted=False)
-        result = run(p.data, p.batch_sizes, tuple(s.index_select(1, p.sorted_indices) for s in states)
-                     if self.has_cell_state else states[0].index_select(1, p.sorted_indices), flat, *setup)
-        out, _ = pad_packed_sequence(PackedSequence(result[0], p.batch_sizes, p.sorted_indices, p.unsorted_indices),
-                                     batch_first=self.batch_first, total_length=total)
-        final = [s.index_select(1, p.unsorted_indices) for s in result[1:]]
-        empty = host == 0
-        if bool(empty.any()):
-            empty = empty.to(out.device)
-            out = out.masked_fill(empty[:, None, None] if self.batch_first else empty[None, :, None], 0)
-            final = [torch.where(empty[None, :, None], s0, s) for s0, s in zip(states, final)]
-        return out, final
+        packed = seq.packed
+        return native.run_layers(self.op.lower(), seq.input if packed is None else packed.data,
+                                 None if packed is None else packed.batch_sizes, states, flat, setup, self.batch_first,
+                                 seq.lengths, seq.batched)
 
-    def _initial_states(self, hx, data: Tensor, batch: int, batched: bool, autocast: bool) -> List[Tensor]:
-        names = ("h_0", "c_0") if self.has_cell_state else ("hx",)
-        if hx is None:
-            zeros = lambda size: data.new_zeros(self.num_layers * self.num_directions, batch, size)  # noqa: E731
-            return [zeros(self.output_size)] + ([zeros(self.hidden_size)] if self.has_cell_state else [])
-        given = list(hx) if self.has_cell_state else [hx]
-        if self.has_cell_state and len(given) != 2:
-            raise TypeError("hx must be a tuple (h_0, c_0) for LSTM")
-        states = []
-        for name, s in zip(names, given):
-            if isinstance(s, Tensor) and not batched:
-                if s.dim() != 2:
-                    raise RuntimeError(f"For unbatched 2-D input, {name} should also be 2-D but got {s.dim()}-D tensor")
-                s = s.unsqueeze(1)
-            self._check_state(name, s, data, batch, autocast)
-            states.append(s)
-        return states
-
-    def _run_layers(self, data: Tensor, states: List[Tensor], batch_sizes: List[int], lengths: Optional[Tensor],
-                    backend: Optional[str]):
-        """Our kernels, layer by layer and direction by direction, on `backend` (a kernel backend
-        name or "auto") -> (output rows (N, D*output_size) in data's row layout, final states [(L*D, B, size)])."""
-        batch = batch_sizes[0] if batch_sizes else 0
-        kernels = None  # proj_size > 0 runs per step: the persistent kernels have no projection
-        if not self.proj_size:
-            training = torch.is_grad_enabled() and any(t.requires_grad for t in (data, *states, *self.parameters()))
-            kernels, _ = persistent_autograd.route(type(self).__name__, backend, data, batch, self.hidden_size,
-                                                   training)
-        if kernels is not None:
-            # the whole-sequence kernels take padded (T, B, I) input and mask by lengths
-            x, lengths, restore = _to_padded(data, batch_sizes, lengths)
-            run = lambda x, state, weights, reverse: self._persistent_direction(  # noqa: E731
-                x, state, weights, lengths, reverse, kernels)
+    def _run_kernels(self, seq: "_Input", states: List[Tensor], path: str, backend: str):
+        """Our kernels, layer by layer and direction by direction (see backends.layers) ->
+        (output rows (N, D * output_size), final states)."""
+        # padded input as rows (T*B, I): a copy when batch_first
+        rows = seq.data if seq.packed is not None else seq.data.reshape(-1, seq.data.shape[2])
+        if seq.lengths is not None:  # padding is ignored as packing would, even NaN
+            padding = torch.arange(len(seq.batch_sizes), device=rows.device)[:, None] >= seq.lengths  # (T, B)
+            rows = rows.masked_fill(padding.reshape(-1, 1), 0)
+        cell = self.op.lower()
+        if path == "persistent":
+            directions = layers.PersistentDirections(cell, seq.batch_sizes, seq.lengths, backend, self.bidirectional)
         else:
-            x, restore = data, None
-            run = lambda x, state, weights, reverse: self._run_direction(  # noqa: E731
-                x, state, batch_sizes, weights, reverse, lengths, backend)
-        # the Triton persistent kernels run both directions of a layer in one launch
-        pairs = kernels == "triton" and self.num_directions == 2
-        finals: List[List[Tensor]] = [[] for _ in states]
-        for layer in range(self.num_layers):
-            if pairs:
-                stacked = [None if w[0] is None else torch.stack(w)
-                           for w in zip(*(self._weights(layer, suffix) for suffix in self._suffixes()))]
-                result = run(x, [s[2 * layer:2 * layer + 2] for s in states], stacked, False)
-                outputs = list(result[0].unbind(0))
-                for f, s in zip(finals, result[1:]):
-                    f.extend(s.unbind(0))
-            else:
-                outputs = []
-                for direction, suffix in enumerate(self._suffixes()):
-                    idx = layer * self.num_directions + direction
-                    result = run(x, [s[idx] for s in states], self._weights(layer, suffix), direction == 1)
-                    outputs.append(result[0])
-                    for f, s in zip(finals, result[1:]):
-                        f.append(s)
-            x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
-        return (x if restore is None else restore(x)), [torch.stack(f) for f in finals]
+            directions = layers.PerStepDirections(cell, seq.batch_sizes, seq.lengths, backend)
+        suffixes = self._suffixes()
+        return layers.run_stack(directions, rows, states, lambda layer, d: self._weights(layer, suffixes[d]),
+                                self.num_layers, self.num_directions, self.dropout if self.training else 0.0)
 
 
-def _native_reason(data: Tensor, steps: int, packed: bool, lengths: Optional[Tensor]) -> Optional[str]:
-    """Why PyTorch's fused RNN cannot take this module call, or None."""
-    if steps == 0:
-        return "PyTorch's RNN kernels need at least one time step"
-    if lengths is not None and not functional.can_read_values(lengths):
-        return ("lengths= is run by packing, which needs the lengths on the host: not while torch.compile "
-                "traces or a CUDA graph captures")
-    if packed and torch.compiler.is_compiling():
-        return "torch.compile cannot trace PyTorch's packed RNN kernel (data-dependent batch sizes)"
-    return None
+class _Input(NamedTuple):
+    """A GRU/LSTM call's input, read once: `data` is the packed rows (N, I) or the padded input
+    time-major (T, B, I) (a view of `input`), `batch_sizes` the rows of each step, `lengths` the
+    checked int64 lengths of padded input (or None)."""
+    input: Tensor
+    data: Tensor
+    batch_sizes: List[int]
+    batch: int
+    batched: bool
+    packed: Optional[PackedSequence]
+    lengths: Optional[Tensor]
 
 
-def _to_padded(data: Tensor, batch_sizes: List[int], lengths: Optional[Tensor]):
-    """Rows (N, I) of a padded or packed layout -> (x (T, B, I), lengths on the device or None,
-    the function taking output (T, B, H) back to rows)."""
-    steps, batch = len(batch_sizes), batch_sizes[0]
-    if all(b == batch for b in batch_sizes):  # padded (a packed batch of equal lengths is one too)
-        return data.view(steps, batch, data.shape[1]), lengths, lambda out: out.reshape(steps * batch, out.shape[2])
-    # packed: rows sorted by length, so the padded batch is in sorted order too
-    x, host_lengths = pad_packed_sequence(PackedSequence(data, torch.tensor(batch_sizes)))
-    return x, host_lengths.to(data.device), lambda out: pack_padded_sequence(out, host_lengths).data
+def _read_input(input, lengths: Optional[Tensor], batch_first: bool, input_size: int, module: str) -> _Input:
+    """The input layouts nn.GRU/nn.LSTM take (padded, batch_first, unbatched, PackedSequence)
+    and ours (padded with `lengths=`), checked as nn checks them."""
+    if isinstance(input, PackedSequence):
+        if lengths is not None:
+            raise ValueError("lengths is for padded input; a PackedSequence carries its own")
+        batch_sizes = input.batch_sizes.tolist()
+        seq = _Input(input.data, input.data, batch_sizes, batch_sizes[0] if batch_sizes else 0, True, input, None)
+    else:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{module}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if batch_first and batched:
+            x = x.transpose(0, 1)
+        steps, batch = x.shape[0], x.shape[1]
+        if lengths is not None:
+            if not batched:
+                raise ValueError("lengths needs batched (3-D) input")
+            lengths = functional._check_index("lengths", lengths, (batch,), x.device, steps)
+        seq = _Input(input, x, [batch] * steps, batch, batched, None, lengths)
+    if seq.data.shape[-1] != input_size:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, "
+                           f"got {seq.data.shape[-1]}")
+    if not seq.data.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {seq.data.dtype}")
+    return seq
+
+
+def _write_output(seq: _Input, out: Tensor, final: List[Tensor], native_layout: bool, batch_first: bool,
+                  has_cell_state: bool):
+    """(output, h_n) or (output, (h_n, c_n)) in the caller's layout. out: in the input's layout
+    when `native_layout` (PyTorch's RNN ran), else rows (N, D * size)."""
+    packed = seq.packed
+    if packed is not None:
+        if packed.unsorted_indices is not None:
+            final = [s.index_select(1, packed.unsorted_indices) for s in final]
+        output = PackedSequence(out, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+    else:
+        if native_layout:
+            output = out if seq.batched else out.squeeze(0 if batch_first else 1)
+        else:
+            output = out.reshape(len(seq.batch_sizes), seq.batch, out.shape[-1])
+            if batch_first and seq.batched:
+                output = output.transpose(0, 1)
+            if not seq.batched:
+                output = output.squeeze(1)
+        if not seq.batched:
+            final = [s.squeeze(1) for s in final]
+    return output, (tuple(final) if has_cell_state else final[0])
 
 
 class GRU(_RecurrentLayers):
     """nn.GRU with fused kernels. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
     gates, has_cell_state, op = 3, False, "GRU"
-
-    def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths, backend):
-        w_ih, w_hh, b_ih, b_hh = weights
-        return functional.gru_layer(x, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                                    lengths=lengths, backend=backend)
-
-    def _persistent_direction(self, x, states, weights, lengths, reverse, kernels):
-        return persistent_autograd.persistent_gru_layer(x, states[0], *weights, lengths, reverse, backend=kernels)
 
 
 class LSTM(_RecurrentLayers):
@@ -428,15 +360,6 @@ class LSTM(_RecurrentLayers):
     With proj_size = P > 0 (LSTMP): h_n and the output have P features per direction, c_n keeps
     hidden_size, and each layer direction has weight_hr_l{k}[_reverse] (P, hidden_size), as nn.LSTM."""
     gates, has_cell_state, op = 4, True, "LSTM"
-
-    def _run_direction(self, x, states, batch_sizes, weights, reverse, lengths, backend):
-        w_ih, w_hh, b_ih, b_hh, *w_hr = weights
-        return functional.lstm_layer(x, states[0], states[1], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                                     lengths=lengths, backend=backend, w_hr=w_hr[0] if w_hr else None)
-
-    def _persistent_direction(self, x, states, weights, lengths, reverse, kernels):
-        return persistent_autograd.persistent_lstm_layer(x, states[0], states[1], *weights, lengths, reverse,
-                                                         backend=kernels)
 
 
 # ------------------------------------------------------------------------------- attention
@@ -480,7 +403,7 @@ class BahdanauAttention(nn.Module):
     def __init__(self, query_size: int, key_size: int, hidden_size: int, normalize: bool = False,
                  device=None, dtype=None, backend: Optional[str] = None) -> None:
         super().__init__()
-        self.backend = None if backend is None else backends._check_name(backend)
+        self.backend = None if backend is None else registry.check_name(backend)
         self.score = _AdditiveScore(query_size, key_size, hidden_size, normalize, device, dtype)
 
     def project_keys(self, keys: Tensor) -> Tensor:
@@ -508,7 +431,7 @@ class LuongAttention(nn.Module):
         if score == "dot" and query_size != key_size:
             raise ValueError(f"score='dot' needs query_size == key_size, got {query_size} and {key_size}")
         self.score_name, self.scale = score, scale
-        self.backend = None if backend is None else backends._check_name(backend)
+        self.backend = None if backend is None else registry.check_name(backend)
         kw = {"device": device, "dtype": dtype}
         if score == "general":
             self.weight = nn.Parameter(torch.empty(query_size, key_size, **kw))

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
-from . import backends
+from .backends import registry
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 
 
@@ -26,7 +26,7 @@ class _Patched:
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
         self._nn_class.__init__(self, *args, **kwargs)
-        self.backend = None if backend is None else backends._check_name(backend)
+        self.backend = None if backend is None else registry.check_name(backend)
 
     def extra_repr(self) -> str:
         s = self._nn_class.extra_repr(self)
@@ -78,7 +78,7 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> List[str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if backend is not None:
-        backends._check_name(backend)
+        registry.check_name(backend)
     patched: Dict[int, nn.Module] = {}
     names: List[str] = []
     for name, module in model.named_modules(remove_duplicate=False):

@@ -18,7 +18,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 
-from fused_s2s import backends  # noqa: E402
+from fused_s2s.backends import registry  # noqa: E402
 
 # The test problems are tiny: intra-op threads only add contention on a small, busy CPU.
 torch.set_num_threads(1)
@@ -41,9 +41,9 @@ REQUIRED = {n for n in os.environ.get("FUSED_S2S_REQUIRE_BACKENDS", "torch").spl
 
 def _case(backend: str, device: str, dtype: torch.dtype, op: str):
     marks = [pytest.mark.gpu] if device == "cuda" else []
-    reason = backends.unsupported_reason(backend, op, torch.device(device), dtype)
+    reason = registry.unsupported_reason(backend, op, torch.device(device), dtype)
     # A required backend that cannot load is not skipped: its tests run and fail with the reason.
-    if reason is not None and not (backend in REQUIRED and backends.available()[backend] is not None):
+    if reason is not None and not (backend in REQUIRED and registry.available()[backend] is not None):
         marks.append(pytest.mark.skip(reason=f"{backend} on {device}/{dtype}: {reason}"))
     return pytest.param(backend, device, dtype, marks=marks,
                         id=f"{backend}-{device}-{str(dtype).replace('torch.', '')}")
@@ -52,7 +52,7 @@ def _case(backend: str, device: str, dtype: torch.dtype, op: str):
 def parity_cases(op: str, dtypes=None):
     """pytest params (backend, device, dtype) for every backend x device x dtype (`dtypes`, or
     the device's DTYPES less NOT_BY_DEFAULT)."""
-    return [_case(b, d, t, op) for d in DEVICES for t in (dtypes or DTYPES[d]) for b in backends.NAMES
+    return [_case(b, d, t, op) for d in DEVICES for t in (dtypes or DTYPES[d]) for b in registry.NAMES
             if dtypes is not None or (b, d, t) not in NOT_BY_DEFAULT]
 
 

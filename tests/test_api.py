@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fused_s2s
-from fused_s2s import backends
 from fused_s2s import functional as FS
+from fused_s2s.backends import reference, registry
 
 from conftest import parity_cases
 
@@ -15,7 +15,7 @@ from conftest import parity_cases
 
 
 def test_selection_order(monkeypatch):
-    monkeypatch.setattr(backends, "_process_backend", None)
+    monkeypatch.setattr(registry, "_process_backend", None)
     monkeypatch.delenv("FUSED_S2S_BACKEND", raising=False)
     assert fused_s2s.get_backend() == "auto"
     monkeypatch.setenv("FUSED_S2S_BACKEND", "torch")
@@ -34,8 +34,8 @@ def test_selection_order(monkeypatch):
 
 
 def test_named_backend_that_cannot_run_raises(monkeypatch):
-    monkeypatch.setitem(backends._load_errors, "triton", "ImportError: pretend it is missing")
-    monkeypatch.delitem(backends._loaded, "triton", raising=False)
+    monkeypatch.setitem(registry._load_errors, "triton", "ImportError: pretend it is missing")
+    monkeypatch.delitem(registry._loaded, "triton", raising=False)
     x, h = torch.randn(2, 3), torch.randn(2, 4)
     w_ih, w_hh = torch.randn(12, 3), torch.randn(12, 4)
     with pytest.raises(fused_s2s.BackendUnavailable, match="pretend it is missing"):
@@ -46,28 +46,28 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     """A kernel "auto" would pick cannot load: attention falls back to `torch` with one warning;
     a cell (whose default is PyTorch's own kernel) runs native, with no warning at all."""
     import warnings
-    monkeypatch.setitem(backends._load_errors, "cpp", "RuntimeError: no compiler")
-    monkeypatch.delitem(backends._loaded, "cpp", raising=False)
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setitem(registry._load_errors, "cpp", "RuntimeError: no compiler")
+    monkeypatch.delitem(registry._loaded, "cpp", raising=False)
+    monkeypatch.setattr(registry, "_warned", set())
     q, k, v = torch.randn(2, 4), torch.randn(2, 5, 4), torch.randn(4)
     with pytest.warns(RuntimeWarning, match="no compiler") as record:
         for _ in range(3):
             out = FS.additive_attention(q, k, v, k, backend="auto")
     assert len(record) == 1
     assert record[0].filename == __file__  # the caller's line, not a line inside fused_s2s
-    torch.testing.assert_close(out, fused_s2s.reference.additive_attention(q, k, v, k))
+    torch.testing.assert_close(out, reference.additive_attention(q, k, v, k))
     x, h = torch.randn(2, 3), torch.randn(2, 4)
     w_ih, w_hh = torch.randn(12, 3), torch.randn(12, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = FS.gru_cell(x, h, w_ih, w_hh, backend="auto")
-    torch.testing.assert_close(out, fused_s2s.reference.gru_cell(x, h, w_ih, w_hh))
+    torch.testing.assert_close(out, reference.gru_cell(x, h, w_ih, w_hh))
 
 
 def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "fused_s2s", "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for name in backends.NAMES:
+    for name in registry.NAMES:
         assert name in out.stdout
 
 
@@ -156,7 +156,7 @@ def test_non_contiguous_and_empty_inputs(backend, device, dtype):
     values = torch.randn(3, 5, 4, device=device, dtype=dtype)
     v = torch.randn(8, device=device, dtype=dtype)
     ctx, w = FS.additive_attention(q, k, v, values, backend=backend)
-    ref_ctx, ref_w = fused_s2s.reference.additive_attention(q, k, v, values)
+    ref_ctx, ref_w = reference.additive_attention(q, k, v, values)
     torch.testing.assert_close(ctx, ref_ctx)
     # empty batch and zero-length sources give empty/zero results, and gradients flow
     q0 = torch.randn(0, 8, device=device, dtype=dtype, requires_grad=True)
@@ -178,7 +178,7 @@ def _op_samples(backend):
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     lengths = torch.tensor([4, 2, 3])
     q, k, v, values = r(B, Tq, A), r(B, Tk, A), r(A), r(B, Tk, Dv)
-    be = backends.load(backend)
+    be = registry.load(backend)
     ctx, w, lse = be.additive_attention_fwd(q, k, v, values, mask, None, None)
     dctx, dw, dlse = be.dot_attention_fwd(q, k, values, None, lengths, None, 0.5)
     h_new, saved = be.gru_cell_fwd(r(B, 3 * H), r(B, H), r(3 * H, H), r(3 * H))
@@ -197,7 +197,7 @@ def _op_samples(backend):
 
 
 @pytest.mark.parametrize("backend,device,dtype", [p for p in parity_cases("gru_cell", [torch.float32])
-                                                  if p.values[1] == "cpu" and p.values[0] in backends.KERNEL_NAMES])
+                                                  if p.values[1] == "cpu" and p.values[0] in registry.KERNEL_NAMES])
 def test_opcheck(backend, device, dtype):
     for name, args in _op_samples(backend).items():
         torch.library.opcheck(getattr(torch.ops.fused_s2s, name).default, (backend,) + args)

@@ -1,5 +1,5 @@
 """The compiled extension fused_s2s._C itself: each of its eight primitives against the
-contract's reference (fused_s2s.backend_torch, computed in float64), its argument checks, and
+contract's reference (fused_s2s.backends.torch_backend, computed in float64), its argument checks, and
 its build (has_cuda, the first-use build and its failure reasons).
 
 The end-to-end parity of the `cpp` backend (autograd Functions, modules, gradcheck) runs in
@@ -20,7 +20,7 @@ import textwrap
 import pytest
 import torch
 
-from fused_s2s import _build, backend_torch as ref
+from fused_s2s.backends import build, torch_backend as ref
 from conftest import HALF_TYPES, assert_close_to_reference
 
 HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None and not os.environ.get(
@@ -32,7 +32,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(scope="module")
 def C():
-    return _build.load_extension()  # a build failure fails every test here, with its reason
+    return build.load_extension()  # a build failure fails every test here, with its reason
 
 
 @pytest.fixture(autouse=True)
@@ -459,14 +459,14 @@ def test_missing_argument_is_a_type_error(C):
 
 def test_module_reports_has_cuda_consistently(C):
     assert isinstance(C.has_cuda, bool)
-    assert isinstance(C.source_hash, str) and C.source_hash == _build.source_hash(_build.source_dir())
+    assert isinstance(C.source_hash, str) and C.source_hash == build.source_hash(build.source_dir())
     forced = os.environ.get("FUSED_S2S_CUDA")
     if forced == "1":  # CI compiles the CUDA kernels even without a GPU
         assert C.has_cuda, "FUSED_S2S_CUDA=1 but the extension has no CUDA kernels"
-    if torch.cuda.is_available() and forced != "0" and _build.cuda_home() is not None:
+    if torch.cuda.is_available() and forced != "0" and build.cuda_home() is not None:
         assert C.has_cuda, "a GPU, CUDA torch and nvcc are here, but the extension has no CUDA kernels"
-    from fused_s2s import backends
-    reason = backends.unsupported_reason("cpp", "gru_cell", torch.device("cuda"), torch.float32)
+    from fused_s2s.backends import registry
+    reason = registry.unsupported_reason("cpp", "gru_cell", torch.device("cuda"), torch.float32)
     if C.has_cuda:
         assert reason is None
     else:
@@ -497,8 +497,8 @@ def test_first_error_line_of_a_build_log():
         /src/csrc/cpu/kernels.h:9:1: error: something else
         ninja: build stopped: subcommand failed.
         """)
-    assert _build._first_error_line(log) == "/src/csrc/cpu/kernels.h:3:2: error: #error broken on purpose"
-    assert _build._first_error_line("no errors here\nsecond") == "no errors here"
+    assert build._first_error_line(log) == "/src/csrc/cpu/kernels.h:3:2: error: #error broken on purpose"
+    assert build._first_error_line("no errors here\nsecond") == "no errors here"
 
 
 def test_cuda_home_found_from_nvcc_when_env_is_wrong(monkeypatch):
@@ -506,8 +506,8 @@ def test_cuda_home_found_from_nvcc_when_env_is_wrong(monkeypatch):
         pytest.skip("nvcc not on PATH")
     monkeypatch.setenv("CUDA_HOME", "/nonexistent/cuda")
     monkeypatch.delenv("CUDA_PATH", raising=False)
-    monkeypatch.setattr(_build, "_cuda_home_cache", {})
-    home = _build.cuda_home()
+    monkeypatch.setattr(build, "_cuda_home_cache", {})
+    home = build.cuda_home()
     assert home is not None and os.path.isfile(os.path.join(home, "bin", "nvcc"))
     assert os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
 
@@ -521,11 +521,11 @@ def _run_python(code, env, timeout=600):
 def test_failed_first_use_build_raises_one_line_reason(tmp_path):
     """A compile error becomes RuntimeError('building fused_s2s._C failed: <first error>')."""
     csrc = tmp_path / "csrc"
-    shutil.copytree(_build.source_dir(), csrc)
+    shutil.copytree(build.source_dir(), csrc)
     header = csrc / "cpu" / "kernels.h"
     header.write_text("#error broken on purpose\n" + header.read_text())
     code = textwrap.dedent(f"""
-        import sys, fused_s2s._build as b
+        import sys, fused_s2s.backends.build as b
         b.source_dir = lambda: {str(csrc)!r}
         b.EXTENSION_NAME = "fused_s2s._C_not_installed"  # force the first-use build
         try:
@@ -549,7 +549,7 @@ def test_two_processes_build_at_once(tmp_path):
     """Two processes that both find no compiled module build into the same folder at once:
     torch's lock on the build folder makes one build and the other wait; both import it."""
     code = textwrap.dedent("""
-        import fused_s2s._build as b, torch
+        import fused_s2s.backends.build as b, torch
         b.EXTENSION_NAME = "fused_s2s._C_not_installed"  # force the first-use build
         m = b.load_extension()
         h, _ = m.gru_cell_fwd(torch.zeros(2, 6), torch.zeros(2, 2), torch.zeros(6, 2), None)

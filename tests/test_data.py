@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from fused_s2s.data import (BOS, EOS, PAD, SPECIALS, UNK, Vocab, batches, build_vocabs, date_task, date_vocabs,
+from fused_s2s.demo.data import (BOS, EOS, PAD, SPECIALS, UNK, Vocab, batches, build_vocabs, date_task, date_vocabs,
                             encode_sources, make_batch, training_batches)
 
 # Every way the task writes a date, as strptime formats (after the ordinal/"the ... of" words

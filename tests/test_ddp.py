@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fused_s2s.data import date_task, date_vocabs, make_batch
-from fused_s2s.models import Seq2Seq, sequence_loss
+from fused_s2s.demo.data import date_task, date_vocabs, make_batch
+from fused_s2s.demo.models import Seq2Seq, sequence_loss
 
 WORLD = 2
 DESIGNS = [("gru", "bahdanau"), ("lstm", "general")]

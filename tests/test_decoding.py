@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from fused_s2s.data import BOS, EOS, PAD, date_task, date_vocabs, make_batch, training_batches
-from fused_s2s.decoding import GreedyState, beam_search, decode, greedy_decode, greedy_step, translate
-from fused_s2s.models import DecoderState, Memory, Seq2Seq
-from fused_s2s.train import evaluate, train
+from fused_s2s.demo.data import BOS, EOS, PAD, date_task, date_vocabs, make_batch, training_batches
+from fused_s2s.demo.decoding import GreedyState, beam_search, decode, greedy_decode, greedy_step, translate
+from fused_s2s.demo.models import DecoderState, Memory, Seq2Seq
+from fused_s2s.demo.train import evaluate, train
 
 
 def build(cell, attention, seed=0):

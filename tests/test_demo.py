@@ -9,10 +9,12 @@ import types
 import pytest
 import torch
 
-from fused_s2s import backends, cli
-from fused_s2s.data import date_task
-from fused_s2s.decoding import translate
-from fused_s2s.train import load_checkpoint
+import fused_s2s
+from fused_s2s.backends import registry
+from fused_s2s.demo import cli
+from fused_s2s.demo.data import date_task
+from fused_s2s.demo.decoding import translate
+from fused_s2s.demo.train import load_checkpoint
 
 # Measured with these settings (400 steps, hidden 64, torch backend, CPU): ~93% held-out exact
 # match; the same run with uniform attention weights reaches ~8%, with a decoder cell that
@@ -51,11 +53,11 @@ def test_demo_trains_to_high_held_out_accuracy(tmp_path):
 
 @pytest.mark.parametrize("device,amp,backend", [
     ("cpu", "bf16", "torch"),
-    *(pytest.param("cuda", amp, b, marks=pytest.mark.gpu) for amp in ("fp16", "bf16") for b in backends.NAMES)])
+    *(pytest.param("cuda", amp, b, marks=pytest.mark.gpu) for amp in ("fp16", "bf16") for b in registry.NAMES)])
 def test_mixed_precision_training_converges(device, amp, backend, tmp_path, capsys):
     """Training under autocast (fp16 with a GradScaler) reaches the float32 run's accuracy
     bar; measured on CPU with bf16: 93.3% greedy, as in float32."""
-    if backends.unsupported_reason(backend, "gru_cell", torch.device(device), torch.float32):
+    if registry.unsupported_reason(backend, "gru_cell", torch.device(device), torch.float32):
         pytest.skip(f"{backend} cannot run on {device} here")
     threads = torch.get_num_threads()
     try:
@@ -117,7 +119,7 @@ def test_demo_without_a_gpu_says_so():
 
 def test_info_prints_the_backend_report(capsys):
     assert cli.main(["info"]) == 0
-    assert capsys.readouterr().out.strip() == backends.describe().strip()
+    assert capsys.readouterr().out.strip() == fused_s2s.info().strip()
 
 
 def test_bench_forwards_its_arguments(monkeypatch):
@@ -141,4 +143,4 @@ def test_bench_without_the_suite_says_where_it_lives(monkeypatch, capsys):
 
 def test_console_script_is_declared():
     scripts = importlib.metadata.entry_points(group="console_scripts")
-    assert any(ep.name == "fused-s2s" and ep.value == "fused_s2s.cli:main" for ep in scripts)
+    assert any(ep.name == "fused-s2s" and ep.value == "fused_s2s.demo.cli:main" for ep in scripts)

@@ -9,13 +9,12 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_s2s
-import fused_s2s.functional as FS
-from fused_s2s import backends
+from fused_s2s.backends import layers, registry
 
 from conftest import assert_close_to_reference, parity_cases
 
 CPU64 = [p for p in parity_cases("lstm_cell", dtypes=[torch.float64]) if p.values[1] == "cpu"]
-# functional.lstm_layer is one direction of our kernels: native runs whole modules instead
+# backends.layers.lstm_layer is one direction of our kernels: native runs whole modules instead
 KERNELS64 = [p for p in CPU64 if p.values[0] != "native"]
 
 
@@ -129,8 +128,8 @@ def test_projected_cell_primitive(backend, device, dtype, B, H, P, poison_uninit
               torch.randn(4 * H))
     args64 = tuple(a.double() for a in args64)
     cast = tuple(a.to(dtype) for a in args64)
-    ours = backends.load(backend).lstm_cell_fwd(*cast)
-    ref = backends.load("torch")
+    ours = registry.load(backend).lstm_cell_fwd(*cast)
+    ref = registry.load("torch")
     for name, o, r, p in zip(("h_new", "c_new", "saved"), ours, ref.lstm_cell_fwd(*args64), ref.lstm_cell_fwd(*cast)):
         assert o.dtype == dtype and o.shape == r.shape, name
         assert_close_to_reference(o, r, p, name)
@@ -146,7 +145,7 @@ def test_proj_gradcheck(backend, device, dtype, reverse):
     lengths = torch.tensor([3, 1, 2])
 
     def f(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        return FS.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, (B,) * T, reverse, lengths=lengths,
+        return layers.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, (B,) * T, reverse, lengths=lengths,
                              backend=backend, w_hr=w_hr)
     assert torch.autograd.gradcheck(f, args)
 

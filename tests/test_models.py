@@ -3,11 +3,11 @@ import torch
 from torch import nn
 
 import fused_s2s
-from fused_s2s import backend_torch, backends
-from fused_s2s.data import PAD, Vocab, date_task, date_vocabs, make_batch
-from fused_s2s.decoding import greedy_decode
-from fused_s2s.models import ATTENTIONS, CELLS, AttnDecoder, Encoder, Seq2Seq, sequence_loss
-from fused_s2s.train import load_checkpoint, save_checkpoint
+from fused_s2s.backends import registry, torch_backend
+from fused_s2s.demo.data import PAD, Vocab, date_task, date_vocabs, make_batch
+from fused_s2s.demo.decoding import greedy_decode
+from fused_s2s.demo.models import ATTENTIONS, CELLS, AttnDecoder, Encoder, Seq2Seq, sequence_loss
+from fused_s2s.demo.train import load_checkpoint, save_checkpoint
 
 from conftest import REQUIRED
 
@@ -99,12 +99,12 @@ def test_every_cell_and_attention_call_goes_through_the_backend(monkeypatch, cel
     calls = {}
 
     def spy(name):
-        real = getattr(backend_torch, name)
+        real = getattr(torch_backend, name)
 
         def wrapper(*args):
             calls[name] = calls.get(name, 0) + 1
             return real(*args)
-        monkeypatch.setattr(backend_torch, name, wrapper)
+        monkeypatch.setattr(torch_backend, name, wrapper)
 
     for name in ("gru_cell_fwd", "lstm_cell_fwd", "additive_attention_fwd", "dot_attention_fwd"):
         spy(name)
@@ -118,10 +118,10 @@ def test_every_cell_and_attention_call_goes_through_the_backend(monkeypatch, cel
     assert calls.get(f"{cell}_cell_fwd", 0) > 2 * steps
 
 
-@pytest.mark.parametrize("backend", [b for b in backends.NAMES if b != "torch"])
+@pytest.mark.parametrize("backend", [b for b in registry.NAMES if b != "torch"])
 @pytest.mark.parametrize("cell,attention", [("gru", "bahdanau"), ("lstm", "general")])
 def test_backends_agree_on_the_whole_model(backend, cell, attention):
-    reason = backends.unsupported_reason(backend, f"{cell}_cell", torch.device("cpu"), torch.float32)
+    reason = registry.unsupported_reason(backend, f"{cell}_cell", torch.device("cpu"), torch.float32)
     if reason is not None:
         pytest.skip(f"{backend} on cpu: {reason}")
     reference = small_model(cell, attention, layers=2, backend="torch")
@@ -142,7 +142,7 @@ def test_backends_agree_on_the_whole_model(backend, cell, attention):
 def test_compile_fullgraph_whole_model(backend, cell, attention):
     """The demo model's training step (encoder over padded sources with lengths, teacher-forced
     attention decoder, loss, backward) compiles into one graph and gives eager's results."""
-    reason = backends.unsupported_reason(backend, f"{cell}_cell", torch.device("cpu"), torch.float32)
+    reason = registry.unsupported_reason(backend, f"{cell}_cell", torch.device("cpu"), torch.float32)
     if reason is not None and backend not in REQUIRED:
         pytest.skip(f"{backend} on cpu: {reason}")
     model = small_model(cell, attention, layers=2, backend=backend)

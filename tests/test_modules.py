@@ -284,7 +284,7 @@ def test_route_to_whole_sequence_kernels(monkeypatch, mode, layout):
     device, packed input padded and packed again, layers, directions, dropout's place), run on
     CPU with an independent float64 stand-in for the kernels: it must equal nn."""
     from conftest import masked_layer_reference
-    from fused_s2s import persistent_autograd as PA
+    from fused_s2s.backends import persistent_autograd as PA
     calls = []
 
     def stand_in(cell):
@@ -331,9 +331,9 @@ def test_route_to_triton_persistent_kernels(monkeypatch, mode, bidirectional, la
     interpreter (a bidirectional layer's two directions in one launch), two layers, against nn
     in float64 by the float32 tolerance rule: outputs, final states, every gradient."""
     from conftest import REQUIRED, assert_close_to_reference
-    from fused_s2s import backends
-    from fused_s2s import persistent_autograd as PA
-    reason = backends.unsupported_reason("triton", "gru_cell", torch.device("cpu"), torch.float32)
+    from fused_s2s.backends import registry
+    from fused_s2s.backends import persistent_autograd as PA
+    reason = registry.unsupported_reason("triton", "gru_cell", torch.device("cpu"), torch.float32)
     if reason is not None and "triton" not in REQUIRED:
         pytest.skip(f"triton on cpu: {reason}")
     torch.manual_seed(4)

@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_s2s
-from fused_s2s import backends, dispatch
 from fused_s2s import functional as FS
+from fused_s2s.backends import dispatch, layers, registry
 
 
 def _pair(mode, **kw):
@@ -129,7 +129,7 @@ def test_native_refuses_what_it_cannot_run():
         FS.additive_attention(q, k, v, k, backend="native")
     x, h, w_ih, w_hh = torch.randn(2, 3), torch.randn(2, 4), torch.randn(12, 3), torch.randn(12, 4)
     with pytest.raises(fused_s2s.BackendUnavailable, match="whole"):
-        FS.gru_layer(x, h, w_ih, w_hh, None, None, (2,), False, backend="native")
+        layers.gru_layer(x, h, w_ih, w_hh, None, None, (2,), False, backend="native")
 
 
 def test_compile_traces_native_padded_and_falls_back_for_lengths():
@@ -170,7 +170,7 @@ def test_committed_table_is_what_auto_does():
     (where the named backend can run here), and calls of unlisted classes get the default."""
     cpu = torch.device("cpu")
     table = dispatch.table_for(cpu)
-    assert table is not None, "no committed CPU dispatch table (fused_s2s/dispatch_cpu.py)"
+    assert table is not None, "no committed CPU dispatch table (fused_s2s/backends/dispatch_cpu.py)"
     checked = 0
     for op in dispatch.OPS:
         for dtype_name, per_class in table["entries"].get(op, {}).items():
@@ -179,7 +179,7 @@ def test_committed_table_is_what_auto_does():
                 batch, size, training = _representative(cls)
                 entry = per_class.get(cls)
                 want = entry["backend"] if entry else dispatch.default(op, cpu)
-                if backends.unsupported_reason(want, dispatch.KERNEL_OP[op], cpu, dtype) is not None:
+                if registry.unsupported_reason(want, dispatch.KERNEL_OP[op], cpu, dtype) is not None:
                     continue
                 assert dispatch.choose("auto", op, cpu, dtype, batch, size, training) == want, (op, cls)
                 checked += 1
@@ -206,7 +206,7 @@ def test_auto_module_runs_the_table_choice(monkeypatch, mode):
             monkeypatch.undo()
             assert bool(calls) == (choice == "native")
             torch.testing.assert_close(out, ref(x)[0])
-    assert dispatch.choose("auto", mode, cpu, torch.float32, 4, 7, False) in backends.NAMES
+    assert dispatch.choose("auto", mode, cpu, torch.float32, 4, 7, False) in registry.NAMES
 
 
 def test_cuda_defaults_to_native_for_layers_and_cells():
@@ -220,7 +220,7 @@ def test_cuda_defaults_to_native_for_layers_and_cells():
 
 
 def test_info_prints_the_table():
-    assert "auto on cpu" in backends.describe()
+    assert "auto on cpu" in fused_s2s.info()
 
 
 def test_dispatch_run_writes_a_table_auto_can_use(tmp_path):

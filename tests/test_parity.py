@@ -5,7 +5,7 @@ from torch import nn
 
 import fused_s2s
 from fused_s2s import functional as FS
-from fused_s2s import reference
+from fused_s2s.backends import reference
 
 from conftest import assert_close_to_reference, parity_cases
 

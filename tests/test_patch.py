@@ -9,12 +9,13 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_s2s
+from fused_s2s.backends import registry
 from fused_s2s.patch import patch
 
 from conftest import REQUIRED
 
-BACKENDS = [pytest.param(b, marks=[] if b in REQUIRED or fused_s2s.backends.available()[b] is None
-                         else [pytest.mark.skip(reason=f"{b} cannot load")]) for b in fused_s2s.backends.NAMES]
+BACKENDS = [pytest.param(b, marks=[] if b in REQUIRED or registry.available()[b] is None
+                         else [pytest.mark.skip(reason=f"{b} cannot load")]) for b in registry.NAMES]
 
 
 def _zoo():

@@ -11,9 +11,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_s2s
 from conftest import assert_close_to_reference, masked_layer_reference, parity_cases
-from fused_s2s import persistent as P
-from fused_s2s import persistent_autograd as PA
-from fused_s2s.persistent_autograd import (PersistentGRUFunction, PersistentLSTMFunction, persistent_gru_layer,
+from fused_s2s.backends import persistent as P
+from fused_s2s.backends import persistent_autograd as PA
+from fused_s2s.backends.persistent_autograd import (PersistentGRUFunction, PersistentLSTMFunction, persistent_gru_layer,
                                            persistent_layer_available, persistent_lstm_layer)
 
 CELLS = ("gru", "lstm")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import assert_close_to_reference
-from fused_s2s import persistent as P
-from fused_s2s.autograd import GRUFunction, LSTMFunction
+from fused_s2s.backends import persistent as P
+from fused_s2s.backends.autograd import GRUFunction, LSTMFunction
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("gru", "lstm")

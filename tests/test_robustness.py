@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_s2s
-from fused_s2s import backends, reference
 from fused_s2s import functional as FS
+from fused_s2s.backends import reference, registry
 
 from conftest import DEVICES, parity_cases
 
@@ -73,7 +73,7 @@ def test_cpu_autocast_bf16_runs_the_cpp_kernels():
     """torch.autocast("cpu", bfloat16) with backend="cpp" (which refuses what it cannot run):
     cells, layers, attention and the demo model run in bfloat16, near their float32 results,
     with float32 parameter gradients; "auto" takes bfloat16 on CPU without a fallback warning."""
-    from fused_s2s.models import Seq2Seq, sequence_loss
+    from fused_s2s.demo.models import Seq2Seq, sequence_loss
     torch.manual_seed(0)
     x, h, packed_lengths = torch.randn(7, 3, 8), torch.randn(3, 16), torch.tensor([7, 2, 5])
     modules = [fused_s2s.GRUCell(8, 16, backend="cpp"), fused_s2s.LSTMCell(8, 16, backend="cpp"),
@@ -104,8 +104,8 @@ def test_cpu_autocast_bf16_runs_the_cpp_kernels():
             torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
             got.float().square().sum().backward()
             assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
-        for op in backends.OPS:
-            backends.resolve("auto", op, torch.device("cpu"), torch.bfloat16)
+        for op in registry.OPS:
+            registry.resolve("auto", op, torch.device("cpu"), torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = sequence_loss(modules[-1](src, torch.tensor([6, 3, 5, 1]), tgt), tgt)
         loss.backward()
@@ -157,7 +157,7 @@ def test_huge_sizes_refused_by_kernels_not_overflowed():
     for name in ("cpp", "triton"):
         with pytest.raises(fused_s2s.BackendUnavailable, match="32-bit|cannot load"):
             FS.additive_attention(q, keys, v, values, backend=name)
-    assert backends.resolve("auto", "additive_attention", q.device, q.dtype, keys.numel()) == "torch"
+    assert registry.resolve("auto", "additive_attention", q.device, q.dtype, keys.numel()) == "torch"
 
 
 # ------------------------------------------------------------------ property-based tests
@@ -194,7 +194,7 @@ def _attention_tensors(B, Tq, Tk, A, Dv, mask_kind, single, transposed_keys, see
 @PROPERTY_SETTINGS
 @given(problem=attention_problems(), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_attention_properties(backend, problem, dtype):
-    if backends.unsupported_reason(backend, "additive_attention", torch.device("cpu"), dtype):
+    if registry.unsupported_reason(backend, "additive_attention", torch.device("cpu"), dtype):
         return  # this backend does not take this dtype; the others do
     q, k, v, values, mask, lengths = _attention_tensors(*problem, dtype=dtype)
     for fn, ref_fn, args in ((FS.additive_attention, reference.additive_attention, (q, k, v, values)),
@@ -225,7 +225,7 @@ def rnn_problems(draw):
 def test_rnn_properties(backend, problem):
     mode, B, T, I, H, layers, bidirectional, packed, seed = problem
     cpu = torch.device("cpu")
-    dtype = torch.float64 if backends.unsupported_reason(backend, "gru_cell", cpu, torch.float64) is None \
+    dtype = torch.float64 if registry.unsupported_reason(backend, "gru_cell", cpu, torch.float64) is None \
         else torch.float32
     torch.manual_seed(seed)
     ref = getattr(torch.nn, mode)(I, H, num_layers=layers, bidirectional=bidirectional).to(dtype)
@@ -247,7 +247,7 @@ def test_rnn_properties(backend, problem):
 def test_decoder_step_captures_in_cuda_graph(backend):
     """A decoder step (attention + cell) records into a CUDA graph (no host sync, no
     allocation that breaks capture) and replays with the same result as eager."""
-    if backends.unsupported_reason(backend, "gru_cell", torch.device("cuda"), torch.float32):
+    if registry.unsupported_reason(backend, "gru_cell", torch.device("cuda"), torch.float32):
         pytest.skip(f"{backend} cannot run on CUDA here")
     torch.manual_seed(0)
     att = fused_s2s.BahdanauAttention(32, 48, 24, backend=backend).cuda()
@@ -283,11 +283,11 @@ def test_decoder_step_captures_in_cuda_graph(backend):
 def test_greedy_decode_loop_captures_in_cuda_graph(backend):
     """The greedy loop (GreedyState + greedy_step, no early stop) records into one CUDA graph
     and replays to greedy_decode's answer for new sources copied into the same buffers."""
-    if backends.unsupported_reason(backend, "gru_cell", torch.device("cuda"), torch.float32):
+    if registry.unsupported_reason(backend, "gru_cell", torch.device("cuda"), torch.float32):
         pytest.skip(f"{backend} cannot run on CUDA here")
-    from fused_s2s.data import PAD, date_task, date_vocabs, make_batch
-    from fused_s2s.decoding import GreedyState, greedy_decode, greedy_step
-    from fused_s2s.models import Seq2Seq
+    from fused_s2s.demo.data import PAD, date_task, date_vocabs, make_batch
+    from fused_s2s.demo.decoding import GreedyState, greedy_decode, greedy_step
+    from fused_s2s.demo.models import Seq2Seq
     src_vocab, tgt_vocab = date_vocabs()
     torch.manual_seed(0)
     model = Seq2Seq(len(src_vocab), len(tgt_vocab), 16, 32, backend=backend).cuda().eval()

@@ -1,5 +1,5 @@
 """The Triton kernels, primitive by primitive, against the kernel contract's reference
-(fused_s2s.backend_torch) computed in float64 from the same inputs.
+(fused_s2s.backends.torch_backend) computed in float64 from the same inputs.
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter; the same cases run
 on CUDA (marker `gpu`) in float32, float16 and bfloat16. Tolerances: conftest's rule
@@ -20,9 +20,9 @@ import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fused_s2s import backend_torch as ref, backends  # noqa: E402
+from fused_s2s.backends import registry, torch_backend as ref  # noqa: E402
 
-backends.load("triton")  # fused_s2s.triton_kernels, from the source folder in an uninstalled checkout
+registry.load("triton")  # fused_s2s.triton_kernels, from the source folder in an uninstalled checkout
 from fused_s2s import triton_kernels as tk  # noqa: E402
 from fused_s2s.triton_kernels import _attention, _common  # noqa: E402
 from fused_s2s.triton_kernels import additive_attention as additive_module  # noqa: E402

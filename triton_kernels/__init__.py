@@ -1,5 +1,8 @@
-"""The `triton` backend: the kernel contract's eight primitives (see fused_s2s.backend_torch)
-as Triton kernels, plus `unsupported_reason` for the backend registry.
+"""The `triton` backend: the kernel contract's eight primitives (see
+fused_s2s.backends.torch_backend) as Triton kernels, plus `unsupported_reason` for the backend
+registry. One file per op, named as in csrc/cpu and csrc/cuda; `_attention.py` holds what the
+attention kernels share. Imports torch and triton only, nothing of fused_s2s: the registry
+loads it.
 
 Runs on CUDA tensors (float32, float16, bfloat16), and on CPU tensors under Triton's
 interpreter (TRITON_INTERPRET=1 set before triton is imported), which the tests use.

@@ -1,6 +1,6 @@
 """Additive (Bahdanau) attention: e[t, s] = sum_a v[a] tanh(q[t, a] + k[s, a]), computed
 blockwise over A in registers (never a (Tq, Tk, A) tensor in memory), a masked softmax over s,
-and the context. Contract and math: fused_s2s.backend_torch.additive_attention_fwd / _bwd;
+and the context. Contract and math: fused_s2s.backends.torch_backend.additive_attention_fwd / _bwd;
 the shared forward/backward structure is described in ._attention."""
 from __future__ import annotations
 

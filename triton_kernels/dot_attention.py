@@ -1,5 +1,5 @@
 """Dot (Luong) attention: e[t, s] = scale * q[t] . k[s] with tl.dot on blocks, a masked softmax
-over s, and the context. Contract and math: fused_s2s.backend_torch.dot_attention_fwd / _bwd;
+over s, and the context. Contract and math: fused_s2s.backends.torch_backend.dot_attention_fwd / _bwd;
 the shared forward/backward structure is described in ._attention."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """GRU cell, one time step: the recurrent GEMM h @ w_hh.T on tensor blocks with the gate math
 as its epilogue (forward), and one fused pointwise kernel (backward). Contract and math:
-fused_s2s.backend_torch.gru_cell_fwd / gru_cell_bwd."""
+fused_s2s.backends.torch_backend.gru_cell_fwd / gru_cell_bwd."""
 from __future__ import annotations
 
 from typing import Optional, Tuple

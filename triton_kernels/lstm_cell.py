@@ -1,6 +1,6 @@
 """LSTM cell, one time step: the recurrent GEMM h @ w_hh.T on tensor blocks with the gate math
 as its epilogue (forward), and one fused pointwise kernel (backward). Contract and math:
-fused_s2s.backend_torch.lstm_cell_fwd / lstm_cell_bwd. With projections h is (B, P) (the GEMM's
+fused_s2s.backends.torch_backend.lstm_cell_fwd / lstm_cell_bwd. With projections h is (B, P) (the GEMM's
 depth K = P) and h_new = o * tanh(c_new) comes out unprojected: a program holds a block of
 hidden units, not the whole row the projection reads, so the caller projects it."""
 from __future__ import annotations

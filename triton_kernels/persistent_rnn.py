@@ -8,7 +8,7 @@ once (tensors stacked along a leading direction dimension, see the launchers).
 
 Same layout, arguments and outputs as the CUDA persistent kernels (fused_s2s._C
 `persistent_{gru,lstm}_{fwd,bwd}`, documented in csrc/cuda/persistent_rnn.h), so the autograd
-Functions of fused_s2s.persistent_autograd drive either: padded time-major gx (T,B,G*H), h0/c0
+Functions of fused_s2s.backends.persistent_autograd drive either: padded time-major gx (T,B,G*H), h0/c0
 (B,H), w_hh (G*H,H), b_hh (G*H) or None, lengths (B,) int64 or None (row b runs steps
 t < lengths[b], a reversed row from its own last step); an inactive row keeps its state and
 writes zeros to out/saved/c_seq. GRU saved = [r, z, n, gh_n], LSTM saved = activated [i, f, g, o]

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fused_s2s import GRU, LSTM, BahdanauAttention, GRUCell, LSTMCell, LuongAttention
+from fused_s2s.functional import can_read_values, value_range
+
 from .data import BOS, PAD
-from .functional import can_read_values, value_range
-from .modules import GRU, LSTM, BahdanauAttention, GRUCell, LSTMCell, LuongAttention
 
 CELLS = ("gru", "lstm")
 ATTENTIONS = ("bahdanau", "dot", "general", "concat")

@@ -1,5 +1,5 @@
 """Autograd Functions over the persistent whole-sequence GRU/LSTM kernels: the CUDA ones of
-fused_s2s._C (backend "cpp"; see csrc/cuda/persistent_rnn.h and fused_s2s/persistent.py) and the
+fused_s2s._C (backend "cpp"; see csrc/cuda/persistent_rnn.h and fused_s2s/backends/persistent.py) and the
 Triton ones for hidden sizes up to 64 (backend "triton"; triton_kernels/persistent_rnn.py). Both
 take the same arguments and give the same outputs.
 
@@ -14,7 +14,7 @@ here (dW_ih, db_ih and dx follow from gx through autograd).
 fused_s2s.GRU/LSTM run their layers here when `route()` finds nothing in the way: CUDA input,
 a backend with persistent kernels chosen for the call, kernels that fit the shape (forward, and
 backward when gradients are needed), not inside torch.compile (it traces the per-step custom
-ops), and not switched off with $FUSED_S2S_PERSISTENT=0 or `persistent_autograd.enabled = False`.
+ops), and not switched off with $FUSED_S2S_PERSISTENT=0 or `fused_s2s.backends.persistent_autograd.enabled = False`.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends
-from .functional import _autocast
+from . import registry
 from .persistent import MAX_ROWS_PER_BLOCK, previous_states, recurrent_weight_gradients
+from .tensors import autocast_inputs, no_autocast
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_BACKENDS = ("cpp", "triton")  # the backends that have persistent layer kernels
@@ -38,7 +38,7 @@ enabled = os.environ.get("FUSED_S2S_PERSISTENT", "1") != "0"
 
 
 def _extension() -> ModuleType:
-    return backends.load("cpp")
+    return registry.load("cpp")
 
 
 def _kernels(backend: str = "cpp") -> Tuple[Optional[ModuleType], Optional[str]]:
@@ -46,8 +46,8 @@ def _kernels(backend: str = "cpp") -> Tuple[Optional[ModuleType], Optional[str]]
     if backend not in KERNEL_BACKENDS:
         return None, f"backend {backend!r} has no persistent kernels (those have: {', '.join(KERNEL_BACKENDS)})"
     try:
-        module = _extension() if backend == "cpp" else backends.load(backend)
-    except backends.BackendUnavailable as e:
+        module = _extension() if backend == "cpp" else registry.load(backend)
+    except registry.BackendUnavailable as e:
         return None, str(e)
     if not hasattr(module, "persistent_gru_fwd"):
         return None, "fused_s2s._C was built without CUDA kernels, so without the persistent kernels"
@@ -105,35 +105,24 @@ def _fit_reason(mode: str, dtype: torch.dtype, device: torch.device, batch: int,
     return None
 
 
-def route(mode: str, backend: Optional[str], data: Tensor, batch: int, hidden: int,
+def route(mode: str, backend: Optional[str], data: Tensor, rows: int, batch: int, hidden: int,
           training: bool) -> Tuple[Optional[str], str]:
     """(the backend whose persistent kernels a GRU/LSTM module should run its layers on, "") or
-    (None, why not). data: the module's input rows (N, I) (padded or packed); the call's dtype
-    is the autocast dtype when autocast is on."""
+    (None, why not). data: the module's input (its device and dtype; the call's dtype is the
+    autocast dtype when autocast is on); rows: its rows N over all steps (padded or packed)."""
     if not enabled:
         return None, "switched off ($FUSED_S2S_PERSISTENT=0 or persistent_autograd.enabled = False)"
     if not data.is_cuda:
         return None, f"the persistent kernels need CUDA tensors, got device {data.device}"
-    if data.shape[0] == 0:
+    if rows == 0:
         return None, "no steps or no rows: nothing to launch"
     if torch.compiler.is_compiling():
         return None, "inside torch.compile the per-step custom ops are traced instead"
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else data.dtype
     op = "gru_cell" if mode.lower() == "gru" else "lstm_cell"
-    name = backends.resolve(backend, op, data.device, dtype, data.shape[0] * 4 * hidden)
+    name = registry.resolve(backend, op, data.device, dtype, rows * 4 * hidden)
     reason = _fit_reason(mode, dtype, data.device, batch, hidden, training, backend=name)
     return (name, "") if reason is None else (None, reason)
-
-
-def _no_autocast(method):
-    """Run forward/backward with autocast off (the caller has cast the inputs to one dtype).
-    The device type comes from the first tensor argument: backward's first gradient may be None."""
-    @functools.wraps(method)
-    def wrapper(ctx, *args):
-        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cuda")
-        with torch.autocast(device, enabled=False):
-            return method(ctx, *args)
-    return wrapper
 
 
 def _lengths_on(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -149,7 +138,7 @@ class PersistentGRUFunction(torch.autograd.Function):
     -> (out, h_n). Saves out, h0 and the gates [r, z, n, gh_n] of every step."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor],
                 reverse: bool, max_blocks: int = 0, max_rows_per_block: int = MAX_ROWS_PER_BLOCK,
                 backend: str = "cpp"):
@@ -166,7 +155,7 @@ class PersistentGRUFunction(torch.autograd.Function):
         return out, h_n
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def backward(ctx, grad_out: Optional[Tensor], grad_h_n: Optional[Tensor]):
         out, h0, saved, w_hh, lengths = ctx.saved_tensors
         reverse, has_bias, knobs, backend = ctx.setup
@@ -182,7 +171,7 @@ class PersistentLSTMFunction(torch.autograd.Function):
     of every step."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 lengths: Optional[Tensor], reverse: bool, max_blocks: int = 0,
                 max_rows_per_block: int = MAX_ROWS_PER_BLOCK, backend: str = "cpp"):
@@ -200,7 +189,7 @@ class PersistentLSTMFunction(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def backward(ctx, grad_out: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor]):
         out, h0, c0, saved, c_seq, w_hh, lengths = ctx.saved_tensors
         reverse, has_bias, knobs, backend = ctx.setup
@@ -249,7 +238,7 @@ def persistent_gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih
     on the persistent kernels of `backend` ("cpp" or "triton"). With "triton", h0 and the
     weights may be stacked pairs (2, ...): both directions of a bidirectional layer in one
     launch, the second reversed relative to `reverse` -> out (2,T,B,H), h_n (2,B,H)."""
-    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
+    x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
     gx = _input_projection(x, w_ih, b_ih)
     return PersistentGRUFunction.apply(gx, h0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block,
                                        backend)
@@ -261,7 +250,7 @@ def persistent_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh:
                           backend: str = "cpp") -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer direction over the padded time-major x (T,B,I) -> (out, h_n, c_n); stacked
     pairs of directions as persistent_gru_layer."""
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     gx = _input_projection(x, w_ih, b_ih)
     return PersistentLSTMFunction.apply(gx, h0, c0, w_hh, b_hh, lengths, reverse, max_blocks, max_rows_per_block,
                                         backend)

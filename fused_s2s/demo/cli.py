@@ -71,10 +71,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_bench(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "info":
-        from . import backends
-        print(backends.describe())
+        import fused_s2s
+        print(fused_s2s.info())
         return 0
-    from .backends import BackendUnavailable
+    from fused_s2s import BackendUnavailable
     try:
         with warnings.catch_warnings():
             # the program is ours: a warning is one line, not the file and line of our code
@@ -156,7 +156,8 @@ def run_demo(args: argparse.Namespace) -> int:
                          f"import ({error}): pip install matplotlib") from None
     import torch
 
-    from . import backends, dispatch
+    from fused_s2s.functional import backend_for
+
     from .data import date_task, date_vocabs, encode_sources, training_batches
     from .decoding import greedy_decode, translate
     from .models import Seq2Seq
@@ -172,13 +173,11 @@ def run_demo(args: argparse.Namespace) -> int:
     src_vocab, tgt_vocab = date_vocabs()
     model = Seq2Seq(len(src_vocab), len(tgt_vocab), args.embedding_size, args.hidden_size, args.layers, args.cell,
                     args.attention, dropout=args.dropout, backend=args.backend).to(device)
-    # what runs each part while training (the choice of `auto` depends on the shapes: fused_s2s.dispatch)
-    kernels = {op: dispatch.choose(None if args.backend == "native" and "attention" in op else args.backend, op,
-                                   device, torch.float32, args.batch_size, args.hidden_size, True)
+    # what runs each part while training (the choice of `auto` depends on the shapes)
+    kernels = {op: backend_for(op, device, batch=args.batch_size, size=args.hidden_size, training=True,
+                               backend=None if args.backend == "native" and "attention" in op else args.backend)
                for op in (args.cell.upper(), f"{args.cell}_cell",
                           "additive_attention" if args.attention in ("bahdanau", "concat") else "dot_attention")}
-    kernels = {op: backends.resolve(None, dispatch.KERNEL_OP[op], device, torch.float32) if name == "auto" else name
-               for op, name in kernels.items()}
     say(f"fused_s2s demo: dates written many ways -> ISO dates ({len(train_pairs)} train, {len(test_pairs)} "
         f"held-out pairs), e.g. {train_pairs[0][0]!r} -> {train_pairs[0][1]!r}")
     say(f"model: {args.cell.upper()} encoder-decoder, {args.attention} attention, hidden {args.hidden_size}, "

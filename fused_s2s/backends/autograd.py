@@ -15,26 +15,14 @@ alternative to packing: no host-side batch sizes, so torch.compile traces it wit
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .backend_torch import up
 from .ops import call
-
-
-def _no_autocast(method):
-    """Run a Function's forward/backward with autocast off: the caller has already cast the
-    inputs to one dtype, and the primitives choose their own accumulation precision."""
-    @functools.wraps(method)
-    def wrapper(ctx, first, *args):
-        if not torch.is_autocast_enabled(first.device.type):  # the common case, without a context
-            return method(ctx, first, *args)
-        with torch.autocast(first.device.type, enabled=False):
-            return method(ctx, first, *args)
-    return wrapper
+from .tensors import no_autocast
+from .torch_backend import up
 
 
 def _steps(batch_sizes: Sequence[int], reverse: bool) -> List[Tuple[int, int, int]]:
@@ -76,7 +64,7 @@ class GRUFunction(torch.autograd.Function):
     """One GRU layer direction. Saves per step: h_prev (N,H) and the gates [r,z,n,gh_n] (N,4H)."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 batch_sizes: Tuple[int, ...], reverse: bool, backend: str,
                 lengths: Optional[Tensor] = None, keep: bool = True) -> Tuple[Tensor, Tensor]:
@@ -104,7 +92,7 @@ class GRUFunction(torch.autograd.Function):
         return out, h.clone() if h is h0 else h  # an output must not be an input
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def backward(ctx, grad_out: Tensor, grad_h_n: Tensor):
         h_prev_all, saved_all, w_hh, active = ctx.saved_tensors
         batch_sizes, reverse, backend, has_bias = ctx.setup
@@ -136,7 +124,7 @@ class LSTMFunction(torch.autograd.Function):
     from what is saved anyway and forms grad_w_hr as one GEMM over the whole sequence."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                 batch_sizes: Tuple[int, ...], reverse: bool, backend: str,
                 lengths: Optional[Tensor] = None, w_hr: Optional[Tensor] = None,
@@ -167,7 +155,7 @@ class LSTMFunction(torch.autograd.Function):
         return out, (h.clone() if h is h0 else h), (c.clone() if c is c0 else c)
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def backward(ctx, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor):
         h_prev_all, c_prev_all, c_new_all, saved_all, w_hh, active, w_hr = ctx.saved_tensors
         batch_sizes, reverse, backend, has_bias = ctx.setup
@@ -212,7 +200,7 @@ class AdditiveAttentionFunction(torch.autograd.Function):
     """Saves the inputs, the weights and the log-sum-exp; backward recomputes tanh(q + k)."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, q, k, v, values, mask, lengths, kv_batch_idx, backend):
         if _is_empty(q, k):  # nothing to attend to: zero context, weights of shape (Bq,Tq,Tk)
             ctx.empty = True
@@ -225,7 +213,7 @@ class AdditiveAttentionFunction(torch.autograd.Function):
         return context, weights
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def backward(ctx, grad_context, grad_weights):
         if ctx.empty:
             return tuple(torch.zeros_like(t) for t in ctx.saved_tensors) + (None,) * 4
@@ -241,7 +229,7 @@ class DotAttentionFunction(torch.autograd.Function):
     """Saves the inputs, the weights and the log-sum-exp."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, q, k, values, mask, lengths, kv_batch_idx, scale, backend):
         if _is_empty(q, k):
             ctx.empty = True
@@ -254,7 +242,7 @@ class DotAttentionFunction(torch.autograd.Function):
         return context, weights
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def backward(ctx, grad_context, grad_weights):
         if ctx.empty:
             return tuple(torch.zeros_like(t) for t in ctx.saved_tensors) + (None,) * 5

@@ -2,7 +2,7 @@
 
 Every backend (this module, the compiled extension `fused_s2s._C`, and
 `fused_s2s.triton_kernels`) exposes the same eight primitives with the same signatures,
-argument order and outputs. The autograd Functions in `fused_s2s.autograd` call only these,
+argument order and outputs. The autograd Functions in `fused_s2s.backends.autograd` call only these,
 so this file is both the `torch` backend and the template the kernels follow.
 
 Conventions (the Function layer guarantees them before a primitive is called):

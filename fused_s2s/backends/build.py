@@ -34,7 +34,7 @@ import time
 from types import ModuleType
 from typing import Dict, Iterator, List, Optional, Tuple
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fused_s2s/
 DEFAULT_ARCH_LIST = "8.0;9.0"
 EXTENSION_NAME = "fused_s2s._C"
 

@@ -1,5 +1,5 @@
 """The dispatch table `auto` uses on this device kind, measured and written by the benchmark
-runner (python -m bench --device cpu --threads 2 --compile off --time-budget 540 --dispatch-table fused_s2s/dispatch_cpu.py --out bench/results --name cpu-dispatch); regenerate it rather than editing it."""
+runner (python -m bench --device cpu --threads 2 --compile off --time-budget 540 --dispatch-table fused_s2s/backends/dispatch_cpu.py --out bench/results --name cpu-dispatch); regenerate it rather than editing it."""
 
 TABLE = {'schema': 1,
  'kind': 'cpu',
@@ -10,7 +10,7 @@ TABLE = {'schema': 1,
               'date': '2026-12-01T23:34:42+00:00',
               'threads': 2,
               'command': 'python -m bench --device cpu --threads 2 --compile off --time-budget 540 '
-                         '--dispatch-table fused_s2s/dispatch_cpu.py --out bench/results --name cpu-dispatch',
+                         '--dispatch-table fused_s2s/backends/dispatch_cpu.py --out bench/results --name cpu-dispatch',
               'margin': 0.05,
               'load': ['0.08 0.24 1.80', '2.12 1.31 1.88']},
  'entries': {'GRU': {'float32': {'B<=16,H<=256,fwd': {'backend': 'native',

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from . import backends
+from . import registry
 
 Opt = Optional[Tensor]
 
@@ -29,12 +29,12 @@ def call(op: str, backend: str, *args):
     if torch.compiler.is_compiling():
         if not torch.onnx.is_in_onnx_export():
             return getattr(torch.ops.fused_s2s, op)(backend, *args)
-        backend = "torch"  # exporting to ONNX: functional._pick chose it already, and it runs inline
-    return getattr(backends.load(backend), op)(*args)
+        backend = "torch"  # exporting to ONNX: dispatch.kernel_backend chose it already, and it runs inline
+    return getattr(registry.load(backend), op)(*args)
 
 
 def _run(op: str, backend: str, *args):
-    return getattr(backends.load(backend), op)(*args)
+    return getattr(registry.load(backend), op)(*args)
 
 
 # ----------------------------------------------------------------------------------- cells

@@ -17,7 +17,7 @@ global memory behind one grid barrier per step.
   machine without a GPU.
 - `previous_states()` and `recurrent_weight_gradients()` are what the caller does around the
   backward kernel (the state before each step; dW_hh and db_hh as whole-sequence GEMMs);
-  fused_s2s/persistent_autograd.py uses them around the bound kernels.
+  fused_s2s/backends/persistent_autograd.py uses them around the bound kernels.
 - `estimate_step_us()` is the first-principles time per step used in bench/NOTES.md.
 
 Layout: padded and time-major, gx (T,B,G*H) = x @ W_ih^T + b_ih, h0/c0 (B,H), W_hh (G*H,H),

@@ -1,6 +1,6 @@
 """What "auto" runs: per (device kind, op, dtype, shape class) the fastest verified backend,
 from a table the benchmark runner measured on that kind of device and wrote as a module
-`fused_s2s/dispatch_<kind>.py` (`python -m bench --dispatch-table PATH`, see bench/README.md).
+`fused_s2s/backends/dispatch_<kind>.py` (`python -m bench --dispatch-table PATH`, see bench/README.md).
 
 Ops: "GRU", "LSTM" (a whole module call: every layer and direction), "gru_cell", "lstm_cell"
 (one step), "additive_attention", "dot_attention". Shape classes, few on purpose (each one is
@@ -12,7 +12,7 @@ a row group the runner measures, and resolution runs on every call):
 
 Where no table or no entry covers a call, layers and cells run on `native` (PyTorch's own
 fused kernels: what nn.GRU/nn.LSTM and the nn cells run, never a per-step loop slower than the
-module replaced) and attention on the first kernel backend of `backends.AUTO_ORDER`.
+module replaced) and attention on the first kernel backend of `registry.AUTO_ORDER`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import backends
+from . import ops, registry
 
 LAYER_OPS = ("GRU", "LSTM")
 CELL_OPS = ("gru_cell", "lstm_cell")
@@ -65,7 +65,7 @@ def classes(op: str) -> List[str]:
 
 
 def _load_tables() -> List[Dict[str, Any]]:
-    """Every committed table module (fused_s2s/dispatch_*.py), each a dict TABLE."""
+    """Every committed table module (fused_s2s/backends/dispatch_*.py), each a dict TABLE."""
     out = []
     for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.name.startswith("dispatch_"):
@@ -109,7 +109,7 @@ def reset() -> None:
 def default(op: str, device: torch.device) -> str:
     """What "auto" runs where no table entry covers a call."""
     if op in ATTENTION_OPS:
-        return backends.AUTO_ORDER.get(device.type, ("torch",))[0]
+        return registry.AUTO_ORDER.get(device.type, ("torch",))[0]
     return "native"
 
 
@@ -133,18 +133,18 @@ def table_choice(op: str, device: torch.device, dtype: torch.dtype, batch: int, 
 def choose(requested: Optional[str], op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int,
            training: bool, native_reason: Optional[str] = None) -> str:
     """The backend that runs one layer, cell or attention call: "native", or a kernel backend
-    name (or "auto" for the kernel-level choice of `backends.resolve`, which checks it and
+    name (or "auto" for the kernel-level choice of `registry.resolve`, which checks it and
     warns once when it falls back). `native_reason`: why PyTorch's kernel cannot take this
     particular call (packed input under torch.compile, ...), or None. A process-wide "native"
     (set_backend, $FUSED_S2S_BACKEND) leaves attention to auto; asked for by name on attention,
     it raises BackendUnavailable."""
-    name = backends._check_name(requested) if requested is not None else backends.get_backend()
+    name = registry.check_name(requested) if requested is not None else registry.get_backend()
     if name == "native" and requested is None and op in ATTENTION_OPS:
         name = "auto"  # a process-wide native means PyTorch's kernels where it has them: not for attention
     if name == "native":
-        reason = native_reason or backends.unsupported_reason("native", KERNEL_OP[op], device, dtype)
+        reason = native_reason or registry.unsupported_reason("native", KERNEL_OP[op], device, dtype)
         if reason is not None:
-            raise backends.BackendUnavailable(f"backend 'native' cannot run {op} on {device.type}/{dtype}: {reason}")
+            raise registry.BackendUnavailable(f"backend 'native' cannot run {op} on {device.type}/{dtype}: {reason}")
         return name
     if name != "auto":
         return name
@@ -153,9 +153,21 @@ def choose(requested: Optional[str], op: str, device: torch.device, dtype: torch
         return "native" if native_reason is None else "auto"
     if op not in ATTENTION_OPS and native_reason is None and torch.jit.is_tracing():
         return "native"  # torch.jit.trace records PyTorch's RNN ops as it does nn's, not our kernels
-    if backends.unsupported_reason(choice, KERNEL_OP[op], device, dtype) is None:
+    if registry.unsupported_reason(choice, KERNEL_OP[op], device, dtype) is None:
         return choice
     return "native" if op not in ATTENTION_OPS and native_reason is None else "auto"
+
+
+def kernel_backend(requested: Optional[str], op: str, t: torch.Tensor, largest: int) -> str:
+    """The kernel backend that runs a per-step primitive of `op` on tensors like `t`, the
+    largest of which has `largest` elements (see registry.resolve). While exporting to ONNX,
+    the `torch` backend whatever was asked (the graph holds standard ops)."""
+    if torch.jit.is_tracing():  # it would record a kernel's outputs as constants, or fail obscurely
+        raise RuntimeError("torch.jit.trace cannot record fused_s2s's ops: use torch.export.export, or "
+                           "torch.onnx.export(..., dynamo=True) for ONNX")
+    if ops.exporting_onnx():
+        return "torch"
+    return registry.resolve(requested, op, t.device, t.dtype, largest)
 
 
 def describe(device: torch.device) -> List[str]:

@@ -1,11 +1,11 @@
 """Which backends exist here, and which one runs a given call.
 
 A backend is a module exposing the eight primitives of the kernel contract
-(see `fused_s2s.backend_torch`):
+(see `fused_s2s.backends.torch_backend`):
 
 | name     | module                        | runs on                                          |
 |----------|-------------------------------|--------------------------------------------------|
-| `torch`  | fused_s2s.backend_torch       | anywhere (plain PyTorch ops)                     |
+| `torch`  | backends.torch_backend        | anywhere (plain PyTorch ops)                     |
 | `cpp`    | fused_s2s._C (compiled)       | CPU (float32/64, bfloat16/float16) and, when built with CUDA, GPU |
 | `triton` | fused_s2s.triton_kernels      | CUDA tensors; CPU tensors under TRITON_INTERPRET=1 |
 | `native` | torch._VF (PyTorch's own)     | wherever nn.GRU/nn.LSTM/nn cells run; layers and cells only |
@@ -13,7 +13,7 @@ A backend is a module exposing the eight primitives of the kernel contract
 Selection, first match wins: the `backend=` argument of a function or module, then
 `set_backend()`, then the FUSED_S2S_BACKEND environment variable, then "auto". A backend asked
 for by name that cannot take a call raises `BackendUnavailable` saying why. "auto" runs what
-the measured table of `fused_s2s.dispatch` names for the call (layers and cells: `native` where
+the measured table of `fused_s2s.backends.dispatch` names for the call (layers and cells: `native` where
 nothing is measured); for the per-step primitives it tries the verified kernel backends of
 AUTO_ORDER and falls back to `torch` with one warning per reason.
 
@@ -58,7 +58,7 @@ _load_errors: Dict[str, str] = {}
 _warned: set = set()
 
 
-def _check_name(name: str, what: str = "backend") -> str:
+def check_name(name: str, what: str = "backend") -> str:
     if not isinstance(name, str) or name not in NAMES + ("auto",):
         raise ValueError(f"{what} must be one of {('auto',) + NAMES}, got {name!r}")
     return name
@@ -67,7 +67,7 @@ def _check_name(name: str, what: str = "backend") -> str:
 def set_backend(name: Optional[str]) -> None:
     """Set the process-wide default backend ("auto", "torch", "cpp", "triton"); None resets."""
     global _process_backend
-    _process_backend = None if name is None else _check_name(name)
+    _process_backend = None if name is None else check_name(name)
 
 
 def get_backend() -> str:
@@ -75,7 +75,7 @@ def get_backend() -> str:
     if _process_backend is not None:
         return _process_backend
     env = _backend_env()
-    return _check_name(env, "FUSED_S2S_BACKEND") if env else "auto"
+    return check_name(env, "FUSED_S2S_BACKEND") if env else "auto"
 
 
 _ENV_DATA = getattr(os.environ, "_data", None)  # CPython's dict under os.environ
@@ -100,7 +100,7 @@ def _import_triton_kernels() -> ModuleType:
     except ModuleNotFoundError as e:
         if e.name != "fused_s2s.triton_kernels":
             raise
-    source = Path(__file__).resolve().parent.parent / "triton_kernels"
+    source = Path(__file__).resolve().parents[2] / "triton_kernels"
     if not (source / "__init__.py").is_file():
         raise ModuleNotFoundError("fused_s2s.triton_kernels is not installed")
     spec = importlib.util.spec_from_file_location("fused_s2s.triton_kernels", source / "__init__.py",
@@ -119,9 +119,9 @@ def _import(name: str) -> ModuleType:
     if name == "native":
         return torch._VF
     if name == "torch":
-        from . import backend_torch as module
+        from . import torch_backend as module
     elif name == "cpp":
-        from ._build import load_extension
+        from .build import load_extension
         module = load_extension()
     else:
         module = _import_triton_kernels()
@@ -134,7 +134,7 @@ def _import(name: str) -> ModuleType:
 
 def load(name: str) -> ModuleType:
     """The backend's module; raises BackendUnavailable (with the reason) if it cannot load."""
-    _check_name(name)
+    check_name(name)
     if name in _loaded:
         return _loaded[name]
     if name not in _load_errors:
@@ -183,7 +183,7 @@ def _warn_once(message: str) -> None:
 def _caller_level() -> int:
     """warnings.warn's stacklevel for the first caller outside fused_s2s and torch: the warning
     names the user's line that ran the op, not a line of ours."""
-    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
     frame, level = sys._getframe(1), 1  # level 1: our caller, _warn_once
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
@@ -206,7 +206,7 @@ def resolve(requested: Optional[str], op: str, device: torch.device, dtype: torc
             largest: int = 0) -> str:
     """The name of the backend that runs `op` for tensors of this device/dtype, the largest
     of which has `largest` elements."""
-    name = _check_name(requested) if requested is not None else get_backend()
+    name = check_name(requested) if requested is not None else get_backend()
     if name == "native":
         raise BackendUnavailable(f"backend 'native' cannot run {op} one layer direction at a time: it runs whole "
                                  "GRU/LSTM modules and cells (fused_s2s.GRU/LSTM, gru_cell/lstm_cell)")
@@ -234,33 +234,3 @@ def available() -> Dict[str, Optional[str]]:
         except BackendUnavailable as e:
             out[name] = str(e)
     return out
-
-
-def describe() -> str:
-    """Human-readable report for `python -m fused_s2s info`."""
-    gpu = torch.cuda.is_available()
-    lines = [f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name() if gpu else 'none visible'}",
-             f"default backend: {get_backend()}",
-             "cpu/cuda below: whether the backend has kernels for that device's tensors"
-             + ("" if gpu else " (with no device here, nothing runs on CUDA)")]
-    for name, reason in available().items():
-        if reason is not None:
-            lines.append(f"  {name:7s} unavailable: {reason}")
-            continue
-        details = []
-        if name == "cpp":
-            details.append("CUDA kernels built" if getattr(load(name), "has_cuda", False)
-                           else "CPU kernels only")
-        for dev in ("cpu", "cuda"):
-            why = unsupported_reason(name, "gru_cell", torch.device(dev), torch.float32)
-            details.append(f"{dev}: {'yes' if why is None else 'no (' + why + ')'}")
-        lines.append(f"  {name:7s} available; " + "; ".join(details))
-    from . import dispatch  # imported here: it imports this module
-    for dev, order in AUTO_ORDER.items():
-        lines += dispatch.describe(torch.device(dev))
-        lines.append(f"  per-step kernels under auto on {dev}: tries {', '.join(order)}")
-    from . import persistent_autograd  # imported here: it imports this module
-    have = [n for n in persistent_autograd.KERNEL_BACKENDS if persistent_autograd._kernels(n)[0] is not None]
-    lines.append("persistent GRU/LSTM layers on CUDA: " + (", ".join(have) or "none built")
-                 + ("" if persistent_autograd.enabled else " (switched off: FUSED_S2S_PERSISTENT=0)"))
-    return "\n".join(lines)
