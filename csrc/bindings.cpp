@@ -202,12 +202,13 @@ void check_attention_bwd(const Args& args, const AttnShape& s, const Tensor& gra
 // the launch goes to the current stream of that device. Zero-sized problems launch nothing.
 namespace cuda_impl {
 
-cuda::DType launcher_dtype(at::ScalarType t) {
+// `refusal` leads the message for a dtype without kernels.
+cuda::DType launcher_dtype(at::ScalarType t, const char* refusal = "no CUDA kernels for dtype ") {
   switch (t) {
     case at::kFloat: return cuda::DType::f32;
     case at::kHalf: return cuda::DType::f16;
     case at::kBFloat16: return cuda::DType::bf16;
-    default: TORCH_CHECK_TYPE(false, "no CUDA kernels for dtype ", dtype_name(t));
+    default: TORCH_CHECK_TYPE(false, refusal, dtype_name(t));
   }
 }
 
@@ -529,15 +530,6 @@ std::tuple<Tensor, Tensor, Tensor> dot_attention_bwd(
 // launches on the current stream.
 namespace pers = persistent;
 
-pers::DType pers_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return pers::DType::kFloat32;
-    case at::kHalf: return pers::DType::kFloat16;
-    case at::kBFloat16: return pers::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "persistent kernels: no kernels for dtype ", dtype_name(t));
-  }
-}
-
 pers::Cell pers_cell(const std::string& cell) {
   TORCH_CHECK_VALUE(cell == "gru" || cell == "lstm", "persistent kernels: cell must be 'gru' or 'lstm', got '",
                     cell, "'");
@@ -547,8 +539,9 @@ pers::Cell pers_cell(const std::string& cell) {
 pers::Plan pers_query(const char* op, pers::Cell cell, at::ScalarType dtype, bool backward, int64_t batch,
                       int64_t hidden, int device, int64_t max_blocks, int64_t max_rows_per_block) {
   pers::Plan plan;
-  cuda_impl::check_launch(pers::query_plan(cell, pers_dtype(dtype), backward, batch, hidden, device, &plan,
-                                           max_blocks, max_rows_per_block),
+  const cuda::DType dt = cuda_impl::launcher_dtype(dtype, "persistent kernels: no kernels for dtype ");
+  cuda_impl::check_launch(pers::query_plan(cell, dt, backward, batch, hidden, device, &plan, max_blocks,
+                                           max_rows_per_block),
                           op);
   return plan;
 }

@@ -25,10 +25,10 @@
 
 #include <cuda_runtime.h>
 
+#include "dtype.h"
+
 namespace fused_s2s {
 namespace cuda {
-
-enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
 
 // ------------------------------------------------------------------------------- cells
 // B = batch, H = hidden. One fused kernel computes gh = h @ w_hh.T + b_hh and the gates.

@@ -717,9 +717,9 @@ const void* kernel_of(Cell cell, bool backward) {
 
 const void* kernel_of(Cell cell, DType dtype, bool backward) {
   switch (dtype) {
-    case DType::kFloat32: return kernel_of<float>(cell, backward);
-    case DType::kFloat16: return kernel_of<__half>(cell, backward);
-    case DType::kBFloat16: return kernel_of<__nv_bfloat16>(cell, backward);
+    case DType::f32: return kernel_of<float>(cell, backward);
+    case DType::f16: return kernel_of<__half>(cell, backward);
+    case DType::bf16: return kernel_of<__nv_bfloat16>(cell, backward);
   }
   return nullptr;
 }
@@ -818,9 +818,9 @@ cudaError_t backward_typed(const Plan& plan, int64_t steps, bool reverse, const 
 template <typename... Args>
 cudaError_t forward_any(const Plan& plan, Args... args) {
   switch (plan.dtype) {
-    case DType::kFloat32: return forward_typed<float>(plan, args...);
-    case DType::kFloat16: return forward_typed<__half>(plan, args...);
-    case DType::kBFloat16: return forward_typed<__nv_bfloat16>(plan, args...);
+    case DType::f32: return forward_typed<float>(plan, args...);
+    case DType::f16: return forward_typed<__half>(plan, args...);
+    case DType::bf16: return forward_typed<__nv_bfloat16>(plan, args...);
   }
   return cudaErrorInvalidValue;
 }
@@ -828,9 +828,9 @@ cudaError_t forward_any(const Plan& plan, Args... args) {
 template <typename... Args>
 cudaError_t backward_any(const Plan& plan, Args... args) {
   switch (plan.dtype) {
-    case DType::kFloat32: return backward_typed<float>(plan, args...);
-    case DType::kFloat16: return backward_typed<__half>(plan, args...);
-    case DType::kBFloat16: return backward_typed<__nv_bfloat16>(plan, args...);
+    case DType::f32: return backward_typed<float>(plan, args...);
+    case DType::f16: return backward_typed<__half>(plan, args...);
+    case DType::bf16: return backward_typed<__nv_bfloat16>(plan, args...);
   }
   return cudaErrorInvalidValue;
 }

@@ -30,11 +30,14 @@
 #include <cstdint>
 #include <numeric>
 
+#include "dtype.h"
+
 namespace fused_s2s {
 namespace persistent {
 
 enum class Cell : int { kGru = 0, kLstm = 1 };
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using cuda::DType;
+using cuda::element_size;
 
 // Kernel shape. fused_s2s/persistent.py mirrors these constants and plan_layer().
 constexpr int kThreads = 256;
@@ -53,7 +56,7 @@ struct Plan {
   const char* reason = "not planned";  // why not, when !fits (a static string)
   // the problem it was made for; launchers refuse a plan made for another one
   Cell cell = Cell::kGru;
-  DType dtype = DType::kFloat32;
+  DType dtype = DType::f32;
   bool backward = false;
   int64_t batch = 0, hidden = 0;
   // grid: unit_blocks x batch_blocks blocks of kThreads threads, one block per SM
@@ -71,7 +74,6 @@ struct Plan {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 inline int gates_of(Cell cell) { return cell == Cell::kGru ? 3 : 4; }
-inline int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 // Shared-memory bytes of a block: the weight slice, the fp32 partial tiles, one staged chunk.
 inline int64_t weight_smem_bytes(int64_t weight_rows, int64_t k_pad, int es) {

@@ -24,6 +24,7 @@
 #include "launchers.h"
 
 using fused_s2s::cuda::DType;
+using fused_s2s::cuda::element_size;
 namespace k = fused_s2s::cuda;
 
 namespace {
@@ -41,7 +42,6 @@ int g_failures = 0;
   } while (0)
 
 const char* dtype_name(DType d) { return d == DType::f32 ? "f32" : d == DType::f16 ? "f16" : "bf16"; }
-size_t elem_bytes(DType d) { return d == DType::f32 ? 4 : 2; }
 
 float round_to(DType d, float x) {
   if (d == DType::f16) return __half2float(__float2half(x));
@@ -78,7 +78,7 @@ struct Buf {
 };
 
 Buf* upload(DType d, const std::vector<float>& x) {
-  Buf* b = new Buf(x.size() * elem_bytes(d));
+  Buf* b = new Buf(x.size() * element_size(d));
   std::vector<unsigned char> host(b->bytes);
   for (size_t i = 0; i < x.size(); ++i) {
     if (d == DType::f32) {
@@ -110,7 +110,7 @@ Buf* poisoned(size_t n_bytes) {
 }
 
 std::vector<float> download(DType d, const Buf& b, size_t n) {
-  std::vector<unsigned char> host(n * elem_bytes(d));
+  std::vector<unsigned char> host(n * element_size(d));
   if (!host.empty()) CUDA_OK(cudaMemcpy(host.data(), b.p, host.size(), cudaMemcpyDeviceToHost));
   std::vector<float> x(n);
   for (size_t i = 0; i < n; ++i) {
@@ -191,7 +191,7 @@ void test_gru(DType d, int64_t B, int64_t H, bool bias, Rng& rng) {
   auto w = random_values(rng, d, 3 * H * H, -ws, ws);
   std::vector<float> b = bias ? random_values(rng, d, 3 * H, -0.5f, 0.5f) : std::vector<float>();
   Buf *gx_d = upload(d, gx), *h_d = upload(d, h), *w_d = upload(d, w), *b_d = upload(d, b);
-  Buf *h_new = poisoned(B * H * elem_bytes(d)), *saved = poisoned(B * 4 * H * elem_bytes(d));
+  Buf *h_new = poisoned(B * H * element_size(d)), *saved = poisoned(B * 4 * H * element_size(d));
   CUDA_OK(k::gru_cell_fwd(d, gx_d->p, h_d->p, w_d->p, bias ? b_d->p : nullptr, h_new->p, saved->p, B, H, 0));
   CUDA_OK(cudaDeviceSynchronize());
 
@@ -214,8 +214,8 @@ void test_gru(DType d, int64_t B, int64_t H, bool bias, Rng& rng) {
   const auto sv = download(d, *saved, B * 4 * H);
   auto grad = random_values(rng, d, B * H, -1.f, 1.f);
   Buf* grad_d = upload(d, grad);
-  Buf *ggx = poisoned(B * 3 * H * elem_bytes(d)), *ggh = poisoned(B * 3 * H * elem_bytes(d)),
-      *gh_direct = poisoned(B * H * elem_bytes(d));
+  Buf *ggx = poisoned(B * 3 * H * element_size(d)), *ggh = poisoned(B * 3 * H * element_size(d)),
+      *gh_direct = poisoned(B * H * element_size(d));
   CUDA_OK(k::gru_cell_bwd(d, grad_d->p, h_d->p, saved->p, ggx->p, ggh->p, gh_direct->p, B, H, 0));
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<double> ref_gx(B * 3 * H), ref_gh(B * 3 * H), ref_direct(B * H);
@@ -244,8 +244,8 @@ void test_lstm(DType d, int64_t B, int64_t H, bool bias, bool with_grad_c, Rng& 
   auto w = random_values(rng, d, 4 * H * H, -ws, ws);
   std::vector<float> b = bias ? random_values(rng, d, 4 * H, -0.5f, 0.5f) : std::vector<float>();
   Buf *gx_d = upload(d, gx), *h_d = upload(d, h), *c_d = upload(d, c), *w_d = upload(d, w), *b_d = upload(d, b);
-  Buf *h_new = poisoned(B * H * elem_bytes(d)), *c_new = poisoned(B * H * elem_bytes(d)),
-      *saved = poisoned(B * 4 * H * elem_bytes(d));
+  Buf *h_new = poisoned(B * H * element_size(d)), *c_new = poisoned(B * H * element_size(d)),
+      *saved = poisoned(B * 4 * H * element_size(d));
   CUDA_OK(k::lstm_cell_fwd(d, gx_d->p, h_d->p, c_d->p, w_d->p, bias ? b_d->p : nullptr, h_new->p, c_new->p,
                            saved->p, B, H, H, 0));
   CUDA_OK(cudaDeviceSynchronize());
@@ -271,7 +271,7 @@ void test_lstm(DType d, int64_t B, int64_t H, bool bias, bool with_grad_c, Rng& 
   auto grad_h = random_values(rng, d, B * H, -1.f, 1.f);
   auto grad_c = with_grad_c ? random_values(rng, d, B * H, -1.f, 1.f) : std::vector<float>(B * H, 0.f);
   Buf *gh_d = upload(d, grad_h), *gc_d = upload(d, grad_c);
-  Buf *g_gates = poisoned(B * 4 * H * elem_bytes(d)), *g_c = poisoned(B * H * elem_bytes(d));
+  Buf *g_gates = poisoned(B * 4 * H * element_size(d)), *g_c = poisoned(B * H * element_size(d));
   CUDA_OK(k::lstm_cell_bwd(d, gh_d->p, with_grad_c ? gc_d->p : nullptr, c_d->p, c_new->p, saved->p, g_gates->p,
                            g_c->p, B, H, 0));
   CUDA_OK(cudaDeviceSynchronize());
@@ -341,7 +341,7 @@ void test_attention(DType d, const AttnCase& c, Rng& rng) {
   const int64_t* len_p = c.lengths ? static_cast<const int64_t*>(len_d->p) : nullptr;
   const int64_t* idx_p = c.kv_idx ? static_cast<const int64_t*>(idx_d->p) : nullptr;
 
-  Buf *context = poisoned(bq * tq * Dv * elem_bytes(d)), *weights = poisoned(bq * tq * tk * elem_bytes(d)),
+  Buf *context = poisoned(bq * tq * Dv * element_size(d)), *weights = poisoned(bq * tq * tk * element_size(d)),
       *lse = poisoned(bq * tq * 4);
   {
     const size_t ws = c.additive ? k::additive_attention_fwd_workspace_bytes(d, bq, tq, tk, D, Dv)
@@ -408,8 +408,8 @@ void test_attention(DType d, const AttnCase& c, Rng& rng) {
   auto gC = c.grad_context ? random_values(rng, d, bq * tq * Dv, -1.f, 1.f) : std::vector<float>(bq * tq * Dv, 0.f);
   auto gW = c.grad_weights ? random_values(rng, d, bq * tq * tk, -1.f, 1.f) : std::vector<float>(bq * tq * tk, 0.f);
   Buf *gC_d = upload(d, gC), *gW_d = upload(d, gW);
-  Buf *dq = poisoned(bq * tq * D * elem_bytes(d)), *dk = poisoned(bq * tk * D * elem_bytes(d)),
-      *dv = poisoned(D * elem_bytes(d)), *dvalues = poisoned(bq * tk * Dv * elem_bytes(d));
+  Buf *dq = poisoned(bq * tq * D * element_size(d)), *dk = poisoned(bq * tk * D * element_size(d)),
+      *dv = poisoned(D * element_size(d)), *dvalues = poisoned(bq * tk * Dv * element_size(d));
   {
     const void* gc_p = c.grad_context ? gC_d->p : nullptr;
     const void* gw_p = c.grad_weights ? gW_d->p : nullptr;
