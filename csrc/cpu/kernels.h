@@ -1,4 +1,6 @@
 // CPU kernels of the eight primitives (see the kernel contract in fused_s2s/backend_torch.py).
+// One file per op, named as in csrc/cuda: gru_cell.cpp, lstm_cell.cpp, additive_attention.cpp,
+// dot_attention.cpp (what they share: common.h, attention.h).
 // Arguments are already checked by the bindings: contiguous CPU tensors, one floating dtype
 // (float32, float64, bfloat16 or float16; lse in float32 for the 16-bit ones), the contract's shapes, bool mask, int64 lengths/kv_batch_idx with
 // indices in range.
