@@ -1,5 +1,5 @@
 // The Python module fused_s2s._C: the eight primitives of the kernel contract
-// (fused_s2s/backend_torch.py), their argument checks, and dispatch to the CPU kernels
+// (fused_s2s/backends/torch_backend.py), their argument checks, and dispatch to the CPU kernels
 // (csrc/cpu) or the CUDA launchers (csrc/cuda, when compiled WITH_CUDA).
 //
 // Every check names the primitive and the argument; a failure is a Python ValueError (shape,
@@ -691,12 +691,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace fused_s2s;
   m.doc() = "fused_s2s kernels: the eight primitives of the kernel contract (see "
-            "fused_s2s.backend_torch), on CPU tensors and, when has_cuda, on CUDA tensors.";
+            "fused_s2s.backends.torch_backend), on CPU tensors and, when has_cuda, on CUDA tensors.";
   m.attr("has_cuda") = py::bool_(kHasCuda);
 #define FS2S_STRINGIFY(x) #x
 #define FS2S_STRING(x) FS2S_STRINGIFY(x)
 #ifdef FS2S_SOURCE_HASH
-  // digest of the csrc/ tree this module was built from (see fused_s2s/_build.py)
+  // digest of the csrc/ tree this module was built from (see fused_s2s/backends/build.py)
   m.attr("source_hash") = FS2S_STRING(FS2S_SOURCE_HASH);
 #endif
   const auto nogil = py::call_guard<py::gil_scoped_release>();

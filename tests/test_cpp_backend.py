@@ -491,8 +491,8 @@ def test_cuda_tensor_runs_or_says_why(C):
 def test_first_error_line_of_a_build_log():
     log = textwrap.dedent("""\
         Error building extension 'fused_s2s_C_cpu': [1/3] c++ -MMD ...
-        FAILED: kernels.o
-        In file included from /src/csrc/cpu/kernels.cpp:12:
+        FAILED: gru_cell.o
+        In file included from /src/csrc/cpu/gru_cell.cpp:12:
         /src/csrc/cpu/kernels.h:3:2: error: #error broken on purpose
         /src/csrc/cpu/kernels.h:9:1: error: something else
         ninja: build stopped: subcommand failed.

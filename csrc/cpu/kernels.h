@@ -1,4 +1,4 @@
-// CPU kernels of the eight primitives (see the kernel contract in fused_s2s/backend_torch.py).
+// CPU kernels of the eight primitives (see the kernel contract in fused_s2s/backends/torch_backend.py).
 // One file per op, named as in csrc/cuda: gru_cell.cpp, lstm_cell.cpp, additive_attention.cpp,
 // dot_attention.cpp (what they share: common.h, attention.h).
 // Arguments are already checked by the bindings: contiguous CPU tensors, one floating dtype

@@ -1,5 +1,5 @@
 // Launchers of the CUDA kernels of the `cpp` backend: one per primitive of the kernel
-// contract (fused_s2s/backend_torch.py), on raw device pointers, so that this header and
+// contract (fused_s2s/backends/torch_backend.py), on raw device pointers, so that this header and
 // the .cu files need no torch headers.
 //
 // Conventions for every launcher:

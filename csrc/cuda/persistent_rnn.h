@@ -39,7 +39,7 @@ enum class Cell : int { kGru = 0, kLstm = 1 };
 using cuda::DType;
 using cuda::element_size;
 
-// Kernel shape. fused_s2s/persistent.py mirrors these constants and plan_layer().
+// Kernel shape. fused_s2s/backends/persistent.py mirrors these constants and plan_layer().
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxTilesPerWarp = 8;      // 16x8 output tiles a warp computes (sharing each x fragment)

@@ -1,5 +1,5 @@
 // Scalar gate math shared by the CPU and CUDA kernels: one element of one gate row.
-// The formulas mirror fused_s2s/backend_torch.py (the kernel contract); `T` is the
+// The formulas mirror fused_s2s/backends/torch_backend.py (the kernel contract); `T` is the
 // accumulation type (float for fp32/fp16/bf16 inputs, double for float64).
 #pragma once
 
