@@ -62,7 +62,8 @@ def _check_index(name: str, t: Optional[Tensor], shape: Tuple[int, ...], device:
 
 
 def _check_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih, b_hh,
-                gates: int) -> int:
+                gates: int, cx: Optional[Tensor] = None) -> int:
+    """Every check of a cell's arguments, each naming what is wrong; returns the hidden size."""
     _check_tensor("input", input, (1, 2))
     _check_tensor("w_ih", w_ih, (2,), input)
     _check_tensor("w_hh", w_hh, (2,), input)
@@ -73,28 +74,75 @@ def _check_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
         if b is not None:
             _check_tensor(name, b, (1,), input)
             _check_shape(name, b, (gates * hidden,))
-    if hx is not None:
-        _check_tensor("hx", hx, (input.dim(),), input)
-        _check_shape("hx", hx, tuple(input.shape[:-1]) + (hidden,))
+    for name, state in (("hx", hx), ("cx", cx)):
+        if state is not None:
+            _check_tensor(name, state, (input.dim(),), input)
+            _check_shape(name, state, tuple(input.shape[:-1]) + (hidden,))
     return hidden
+
+
+def _native_takes(input: Tensor, hx, cx, w_ih, w_hh: Tensor, b_ih, b_hh, gates: int) -> bool:
+    """Whether PyTorch's cell kernel may be handed these arguments unchecked. It checks dtypes,
+    devices and the input and state sizes itself (a failure there reruns _check_cell for a
+    message naming the argument), but would run without complaint on a wrong gate count (the
+    rows still split), a broadcastable bias or a state of another rank: those are checked here,
+    in a few attribute reads, so that a decoder step pays no more than nn's cell does."""
+    try:
+        rows = gates * w_hh.shape[1]
+        return (w_hh.shape[0] == rows and w_ih.dim() == 2 and w_ih.shape[0] == rows
+                and (b_ih is None or b_ih.shape == (rows,)) and (b_hh is None or b_hh.shape == (rows,))
+                and (hx is None or hx.dim() == input.dim()) and (cx is None or cx.dim() == input.dim()))
+    except AttributeError:  # an argument that is not a tensor
+        return False
+
+
+def _cell(op: str, input: Tensor, hx: Optional[Tensor], cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+          b_ih: Optional[Tensor], b_hh: Optional[Tensor], backend: Optional[str]):
+    """One step of either cell -> (h', c') (c' None for the GRU): checks, the backend, unbatched
+    input as a batch of one."""
+    lstm = op == "lstm_cell"
+    gates = 4 if lstm else 3
+    # each line here runs per decoder step, beside a kernel of a few microseconds: few reads
+    if torch._C._is_any_autocast_enabled() and isinstance(input, Tensor):
+        # under autocast, mixed float32/low-precision arguments are fine
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh = autocast_inputs(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    args = (input, hx, w_ih, w_hh, b_ih, b_hh, gates, cx)
+    if not (isinstance(input, Tensor) and isinstance(w_hh, Tensor) and input.dim() in (1, 2) and w_hh.dim() == 2):
+        _check_cell(*args)  # raises: the backend choice below reads these
+    hidden = w_hh.shape[1]
+    batched = input.dim() == 2
+    grad = torch.is_grad_enabled() and (w_hh.requires_grad or input.requires_grad
+                                        or training((hx, cx, w_ih, b_ih, b_hh)))
+    name = dispatch.choose(backend, op, input.device, input.dtype, input.shape[0] if batched else 1, hidden, grad)
+    if name != "native" or not _native_takes(input, hx, cx, w_ih, w_hh, b_ih, b_hh, gates):
+        _check_cell(*args)
+    x = input if batched else input.unsqueeze(0)
+    zeros = x.new_zeros(x.shape[0], hidden) if hx is None or (lstm and cx is None) else None
+    h0 = zeros if hx is None else (hx if batched else hx.unsqueeze(0))
+    c0 = None if not lstm else (zeros if cx is None else (cx if batched else cx.unsqueeze(0)))
+    if name == "native":  # what nn.GRUCell / nn.LSTMCell run
+        try:
+            if lstm:
+                h, c = torch._VF.lstm_cell(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+            else:
+                h, c = torch._VF.gru_cell(x, h0, w_ih, w_hh, b_ih, b_hh), None
+        except (RuntimeError, TypeError):
+            _check_cell(*args)  # a message naming the argument, where the kernel's does not
+            raise
+    elif lstm:
+        _, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=name)
+    else:
+        h, c = gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=name)[1], None
+    if not batched:
+        h, c = h.squeeze(0), (None if c is None else c.squeeze(0))
+    return h, c
 
 
 def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
              backend: Optional[str] = None) -> Tensor:
     """One GRU step, as torch.nn.GRUCell: input (B, I) or (I,), hx (B, H) or (H,) or None."""
-    if isinstance(input, Tensor):  # under autocast, mixed float32/low-precision arguments are fine
-        input, hx, w_ih, w_hh, b_ih, b_hh = autocast_inputs(input, hx, w_ih, w_hh, b_ih, b_hh)
-    hidden = _check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 3)
-    batched = input.dim() == 2
-    x = input if batched else input.unsqueeze(0)
-    h0 = (hx if batched else hx.unsqueeze(0)) if hx is not None else x.new_zeros(x.shape[0], hidden)
-    name = _cell_backend(backend, "gru_cell", x, hidden, (x, h0, w_ih, w_hh, b_ih, b_hh))
-    if name == "native":  # what nn.GRUCell runs
-        h_new = torch._VF.gru_cell(x, h0, w_ih, w_hh, b_ih, b_hh)
-    else:
-        h_new = gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=name)[1]
-    return h_new if batched else h_new.squeeze(0)
+    return _cell("gru_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
 
 
 def lstm_cell(input: Tensor, state: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
@@ -102,32 +150,12 @@ def lstm_cell(input: Tensor, state: Optional[Tuple[Tensor, Tensor]], w_ih: Tenso
               backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One LSTM step, as torch.nn.LSTMCell: returns (h', c')."""
     hx, cx = state if state is not None else (None, None)
-    if isinstance(input, Tensor):
-        input, hx, cx, w_ih, w_hh, b_ih, b_hh = autocast_inputs(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-    hidden = _check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 4)
-    if cx is not None:
-        _check_tensor("cx", cx, (input.dim(),), input)
-        _check_shape("cx", cx, tuple(input.shape[:-1]) + (hidden,))
-    batched = input.dim() == 2
-    x = input if batched else input.unsqueeze(0)
-    zeros = x.new_zeros(x.shape[0], hidden)
-    h0 = zeros if hx is None else (hx if batched else hx.unsqueeze(0))
-    c0 = zeros if cx is None else (cx if batched else cx.unsqueeze(0))
-    name = _cell_backend(backend, "lstm_cell", x, hidden, (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
-    if name == "native":  # what nn.LSTMCell runs
-        h, c = torch._VF.lstm_cell(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
-    else:
-        _, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, (x.shape[0],), False, backend=name)
-    return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+    return _cell("lstm_cell", input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend)
 
 
 def training(tensors) -> bool:
     """Whether a call will need a backward pass (what the dispatch table calls fwd+bwd)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _cell_backend(backend: Optional[str], op: str, x: Tensor, hidden: int, tensors) -> str:
-    return dispatch.choose(backend, op, x.device, x.dtype, x.shape[0], hidden, training(tensors))
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def backend_for(op: str, device, dtype: torch.dtype = torch.float32, *, batch: int, size: int, training: bool,

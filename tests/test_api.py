@@ -98,6 +98,23 @@ def test_cell_bad_bias():
         FS.gru_cell(x, h, w_ih, w_hh, torch.randn(12), torch.randn(11))
 
 
+@pytest.mark.parametrize("backend", ["native", "auto", "torch"])
+def test_cell_bad_input_on_each_path(backend):
+    """PyTorch's cell kernel, handed unchecked arguments on the native path, would run on some
+    of these without complaint and give its own messages on the others: each still raises ours."""
+    x, h, w_ih, w_hh = _cell_args()
+    with pytest.raises(ValueError, match="b_ih must have shape"):  # (1,) broadcasts in the kernel
+        FS.gru_cell(x, h, w_ih, w_hh, torch.randn(1), torch.randn(12), backend=backend)
+    with pytest.raises(ValueError, match=r"w_hh must have shape \(9, 3\)"):  # 12 rows split into 3 gates
+        FS.gru_cell(torch.randn(2, 3), torch.randn(2, 3), torch.randn(12, 3), torch.randn(12, 3), backend=backend)
+    with pytest.raises(TypeError, match="b_hh has dtype"):
+        FS.gru_cell(x, h, w_ih, w_hh, torch.randn(12), torch.randn(12, dtype=torch.float64), backend=backend)
+    with pytest.raises(ValueError, match="cx must have shape"):
+        FS.lstm_cell(x, (h, torch.randn(3, 4)), torch.randn(16, 3), torch.randn(16, 4), backend=backend)
+    with pytest.raises(ValueError, match="cx must have 2 dimensions"):
+        FS.lstm_cell(x, (h, torch.randn(2, 4, 1)), torch.randn(16, 3), torch.randn(16, 4), backend=backend)
+
+
 def _attention_args():
     return torch.randn(3, 8), torch.randn(3, 5, 8), torch.randn(8), torch.randn(3, 5, 4)
 

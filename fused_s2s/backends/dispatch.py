@@ -116,9 +116,8 @@ def default(op: str, device: torch.device) -> str:
 def table_choice(op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int,
                  training: bool) -> str:
     """The backend the table in force names for this call's class (or the default)."""
-    # runs on every call: the classes inline, one dict lookup when seen before
     key = (op, device, dtype, 0 if batch <= 1 else (1 if batch <= 16 else 2),
-           size <= (1 if op in ATTENTION_OPS else 256), training)
+           size <= (1 if op in ATTENTION_OPS else 256), training)  # as choose's
     choice = _choices.get(key)
     if choice is None:
         table = table_for(device)
@@ -139,6 +138,11 @@ def choose(requested: Optional[str], op: str, device: torch.device, dtype: torch
     (set_backend, $FUSED_S2S_BACKEND) leaves attention to auto; asked for by name on attention,
     it raises BackendUnavailable."""
     name = registry.check_name(requested) if requested is not None else registry.get_backend()
+    if name == "auto" and native_reason is None:  # the common call, one lookup when seen before
+        key = (op, device, dtype, 0 if batch <= 1 else (1 if batch <= 16 else 2),
+               size <= (1 if op in ATTENTION_OPS else 256), training)
+        if _choices.get(key) == "native":
+            return "native"
     if name == "native" and requested is None and op in ATTENTION_OPS:
         name = "auto"  # a process-wide native means PyTorch's kernels where it has them: not for attention
     if name == "native":
