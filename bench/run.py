@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from bench import attention, cells, end_to_end, layers, report  # noqa: E402
 from bench.harness import (DTYPES, NOISY_SPREAD, Case, Compiler, Context, Result, Settings, copy_bandwidth,  # noqa: E402
                            device_slug, dtype_name, environment, input_sets, matmul_rate, now_date, run_impl,
-                           short_reason)
+                           short_reason, steady_allocator)
 from bench.report import fmt_time  # noqa: E402
 
 FAMILIES = {"cells": cells, "layers": layers, "attention": attention, "end_to_end": end_to_end}
@@ -145,6 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run_suite(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the cases the arguments select, write the outputs, return the JSON data."""
     args = parse_args(argv)
+    steady_allocator()
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

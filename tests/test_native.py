@@ -250,3 +250,36 @@ def test_dispatch_run_writes_a_table_auto_can_use(tmp_path):
     assert {"ours:native", "ours:cpp", "ours:auto"} <= backends_seen
     assert all(r["vs_baseline"]["p20"] <= r["vs_baseline"]["median"] <= r["vs_baseline"]["p80"] for r in data["rows"])
     assert "load" in (tmp_path / "d.md").read_text()
+
+
+def test_dispatch_table_rule():
+    """A candidate replaces the default only where it is faster in nearly every round; for layers
+    and cells it must also beat nn (the default's own kernel), for attention only the default."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import dispatch as runner
+
+    def record(family, op, config, times):
+        return dict(id=f"{family}/{op}", family=family, op=op, config=config, dtype="float32", passes="fwd",
+                    load="0 0 0", results={n: dict(ms=t[0]) for n, t in times.items()}, times=times)
+    steady = [1.0] * 10
+    recs = [
+        # attention: torch twice as fast as cpp, both slower than the naive code -> torch
+        record("attention", "additive_attention", dict(B=64, Tq=1, Tk=50, A=512),
+               {"ours:cpp": [2.0] * 10, "ours:torch": steady, "naive": [0.9] * 10}),
+        # cells: cpp faster than native but not than nn -> native stays
+        record("cells", "gru_cell", dict(B=1, H=256), {"ours:native": [2.0] * 10, "ours:cpp": steady,
+                                                       "nn.GRUCell": [1.02] * 10}),
+        # cells: cpp faster than both -> cpp
+        record("cells", "lstm_cell", dict(B=1, H=256), {"ours:native": [2.0] * 10, "ours:cpp": steady,
+                                                        "nn.LSTMCell": [2.0] * 10}),
+        # dot attention: torch only 3% faster than cpp (inside the margin) -> cpp stays
+        record("attention", "dot_attention", dict(B=64, Tq=1, Tk=50, A=512),
+               {"ours:cpp": [1.03] * 10, "ours:torch": steady, "naive": steady}),
+    ]
+    table = runner.build_table(recs, torch.device("cpu"), {}, "test")["entries"]
+    assert table["additive_attention"]["float32"]["Tq=1,fwd"]["backend"] == "torch"
+    assert table["gru_cell"]["float32"]["B=1,H<=256,fwd"]["backend"] == "native"
+    assert table["lstm_cell"]["float32"]["B=1,H<=256,fwd"]["backend"] == "cpp"
+    assert table["dot_attention"]["float32"]["Tq=1,fwd"]["backend"] == "cpp"
