@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from .backends import registry
+from .backends import dispatch, registry
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 
 
@@ -37,6 +38,27 @@ class _PatchedLayers(_Patched):
     # on CUDA nn's version packs the weights into one buffer for cuDNN; ours would do nothing
     flatten_parameters = nn.RNNBase.flatten_parameters
     all_weights = nn.RNNBase.all_weights  # also counts weight_hr (proj_size)
+
+    def forward(self, input, hx=None, *, lengths: Optional[Tensor] = None):
+        # A padded tensor that auto (or the backend asked for) gives to native runs nn's own
+        # forward: the same kernel call, and no Python of ours around it (a decoder calls its
+        # RNN once per step, so a few microseconds per call add up); everything else, ours.
+        if lengths is None and isinstance(input, Tensor) and input.dim() in (2, 3) and self._native_call(input, hx):
+            return self._nn_class.forward(self, input, hx)
+        return super().forward(input, hx, lengths=lengths)
+
+    def _native_call(self, input: Tensor, hx) -> bool:
+        batched = input.dim() == 3
+        steps = input.shape[1 if batched and self.batch_first else 0]
+        batch = (input.shape[0 if self.batch_first else 1]) if batched else 1
+        first = hx[0] if isinstance(hx, tuple) and hx else hx
+        training = torch.is_grad_enabled() and (input.requires_grad or self.weight_hh_l0.requires_grad
+                                                or (isinstance(first, Tensor) and first.requires_grad))
+        device = input.device
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else input.dtype
+        return steps > 0 and dispatch.choose(self.backend, self._nn_class.__name__, device, dtype, batch,
+                                             self.hidden_size, training) == "native"
 
 
 class PatchedGRU(_PatchedLayers, GRU, nn.GRU):

@@ -218,3 +218,23 @@ def test_patched_projected_lstm_reads_as_nn():
     assert h.shape == (2, 2, 2) and c.shape == (2, 2, 5)
     for ours, theirs in zip((out, h, c), (reference(x)[0], *reference(x)[1])):
         torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_patched_layer_on_native_runs_nns_own_forward(monkeypatch, mode):
+    """Where native runs a padded call, a patched layer runs nn's forward itself (nothing of ours
+    per call); a kernel backend asked for by name, or lengths=, takes our path."""
+    nn_cls = getattr(nn, mode)
+    module = nn_cls(5, 7, batch_first=True)
+    fused_s2s.patch(module)
+    calls = []
+    real = nn_cls.forward
+    monkeypatch.setattr(nn_cls, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    x = torch.randn(3, 4, 5)
+    module.backend = "native"
+    out = module(x)[0]
+    assert calls == [1]
+    module.backend = "torch"
+    torch.testing.assert_close(module(x)[0], out)
+    module(x, lengths=torch.tensor([4, 2, 1]))
+    assert calls == [1]
