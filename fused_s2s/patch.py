@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .backends import dispatch, registry
+from .backends import layers, registry
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 
 
@@ -54,11 +54,8 @@ class _PatchedLayers(_Patched):
         first = hx[0] if isinstance(hx, tuple) and hx else hx
         training = torch.is_grad_enabled() and (input.requires_grad or self.weight_hh_l0.requires_grad
                                                 or (isinstance(first, Tensor) and first.requires_grad))
-        device = input.device
-        autocast = torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if autocast else input.dtype
-        return steps > 0 and dispatch.choose(self.backend, self._nn_class.__name__, device, dtype, batch,
-                                             self.hidden_size, training) == "native"
+        return layers.backend_choice(self._nn_class.__name__, self.backend, input, batch, steps, self.hidden_size,
+                                     False, None, training) == "native"
 
 
 class PatchedGRU(_PatchedLayers, GRU, nn.GRU):

@@ -49,7 +49,8 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setitem(registry._load_errors, "cpp", "RuntimeError: no compiler")
     monkeypatch.delitem(registry._loaded, "cpp", raising=False)
     monkeypatch.setattr(registry, "_warned", set())
-    q, k, v = torch.randn(2, 4), torch.randn(2, 5, 4), torch.randn(4)
+    # many queries per row: a class where the CPU table picks cpp (at Tq=1 it picks torch)
+    q, k, v = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(4)
     with pytest.warns(RuntimeWarning, match="no compiler") as record:
         for _ in range(3):
             out = FS.additive_attention(q, k, v, k, backend="auto")

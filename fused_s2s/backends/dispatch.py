@@ -113,11 +113,16 @@ def default(op: str, device: torch.device) -> str:
     return "native"
 
 
+def _class_key(op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int, training: bool) -> Tuple:
+    """shape_class's answer as a cheap key (it runs on every call): what _choices remembers."""
+    return (op, device, dtype, 0 if batch <= 1 else (1 if batch <= 16 else 2),
+            size <= (1 if op in ATTENTION_OPS else 256), training)
+
+
 def table_choice(op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int,
                  training: bool) -> str:
     """The backend the table in force names for this call's class (or the default)."""
-    key = (op, device, dtype, 0 if batch <= 1 else (1 if batch <= 16 else 2),
-           size <= (1 if op in ATTENTION_OPS else 256), training)  # as choose's
+    key = _class_key(op, device, dtype, batch, size, training)
     choice = _choices.get(key)
     if choice is None:
         table = table_for(device)
@@ -138,11 +143,9 @@ def choose(requested: Optional[str], op: str, device: torch.device, dtype: torch
     (set_backend, $FUSED_S2S_BACKEND) leaves attention to auto; asked for by name on attention,
     it raises BackendUnavailable."""
     name = registry.check_name(requested) if requested is not None else registry.get_backend()
-    if name == "auto" and native_reason is None:  # the common call, one lookup when seen before
-        key = (op, device, dtype, 0 if batch <= 1 else (1 if batch <= 16 else 2),
-               size <= (1 if op in ATTENTION_OPS else 256), training)
-        if _choices.get(key) == "native":
-            return "native"
+    if name == "auto" and native_reason is None and \
+            _choices.get(_class_key(op, device, dtype, batch, size, training)) == "native":
+        return "native"  # the common call, one lookup when seen before
     if name == "native" and requested is None and op in ATTENTION_OPS:
         name = "auto"  # a process-wide native means PyTorch's kernels where it has them: not for attention
     if name == "native":

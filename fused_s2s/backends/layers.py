@@ -53,6 +53,16 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_
 # ------------------------------------------------------------------------ the choice of path
 
 
+def backend_choice(op: str, requested: Optional[str], data: Tensor, batch: int, steps: int, hidden: int,
+                   packed: bool, lengths: Optional[Tensor], training: bool) -> str:
+    """dispatch.choose for one module call: "native" or a kernel backend name (or "auto"), in
+    the dtype the call computes in (autocast's, when on)."""
+    autocast = torch.is_autocast_enabled(data.device.type)
+    dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
+    return dispatch.choose(requested, op, data.device, dtype, batch, hidden, training,
+                           native.unsupported_reason(steps, packed, lengths))
+
+
 def choose_path(op: str, requested: Optional[str], data: Tensor, rows: int, batch: int, steps: int,
                 hidden: int, packed: bool, lengths: Optional[Tensor], projected: bool,
                 training: bool) -> Tuple[str, str]:
@@ -60,10 +70,7 @@ def choose_path(op: str, requested: Optional[str], data: Tensor, rows: int, batc
     kernel backend name or "auto") for one module call. op: "GRU" or "LSTM"; data: the input
     (its device and dtype), of `rows` rows over `steps` steps; `projected`: proj_size > 0 (the
     persistent kernels have no projection)."""
-    autocast = torch.is_autocast_enabled(data.device.type)
-    dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
-    name = dispatch.choose(requested, op, data.device, dtype, batch, hidden, training,
-                           native.unsupported_reason(steps, packed, lengths))
+    name = backend_choice(op, requested, data, batch, steps, hidden, packed, lengths, training)
     if name == "native":
         return "native", name
     if not projected:
