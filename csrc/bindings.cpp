@@ -522,12 +522,33 @@ std::tuple<Tensor, Tensor, Tensor> dot_attention_bwd(
                                 kv_batch_idx, scale, weights, lse);
 }
 
-#ifdef WITH_CUDA
-// ------------------------------------------------------------- persistent layers (CUDA only)
+// ------------------------------------------------------------------------ persistent layers
 // Whole-sequence GRU/LSTM layer directions over the padded time-major layout (contract in
-// cuda/persistent_rnn.h). Each call plans for the tensors' device, raises with the planner's
-// reason when the layer does not fit, allocates its outputs and workspace through torch and
-// launches on the current stream.
+// cuda/persistent_rnn.h): on CPU the C++ time loop of cpu/persistent_rnn.cpp, on CUDA the
+// persistent kernels. max_blocks and max_rows_per_block tune the CUDA plan (CPU has none).
+
+// What every persistent call checks: one device, the dtype of the (B, H) state `first`,
+// contiguous, shapes. `seq` is the (T, B, width) tensor that gives T.
+struct SeqCall {
+  Args args;
+  int64_t T = 0, B = 0, H = 0;
+
+  SeqCall(const char* op, int64_t gates, const Tensor& first, const char* first_name, const Tensor& seq,
+          const char* seq_name, const Tensor& w_hh, const OptTensor& lengths)
+      : args(op, first, first_name) {
+    args.dim(first, first_name, 2);
+    args.dim(seq, seq_name, 3);
+    T = seq.size(0), B = first.size(0), H = first.size(1);
+    args.floating(first, first_name, {B, H});
+    args.floating(w_hh, "w_hh", {gates * H, H});
+    if (lengths) args.fixed(*lengths, "lengths", at::kLong, {B});
+  }
+};
+
+#ifdef WITH_CUDA
+// On CUDA each call plans for the tensors' device, raises with the planner's reason when the
+// layer does not fit, allocates its outputs and workspace through torch and launches on the
+// current stream.
 namespace pers = persistent;
 
 pers::Cell pers_cell(const std::string& cell) {
@@ -564,125 +585,168 @@ pybind11::dict persistent_rnn_plan(const std::string& cell, at::ScalarType dtype
   return d;
 }
 
-// One persistent call: its checks (one CUDA device, the dtype of the (B, H) state `first`,
-// contiguous, shapes), device guard and plan. `seq` is the (T, B, width) tensor that gives T.
+// One checked call on CUDA: its device guard and plan.
 struct PersCall {
-  Args args;
-  int64_t T = 0, B = 0, H = 0;
+  const SeqCall& s;
   pers::Plan plan;
   c10::cuda::OptionalCUDAGuard guard;
   Tensor ws;
 
-  PersCall(const char* op, pers::Cell cell, bool backward, const Tensor& first, const char* first_name,
-           const Tensor& seq, const char* seq_name, const Tensor& w_hh, const OptTensor& lengths,
-           int64_t max_blocks, int64_t max_rows_per_block)
-      : args(op, first, first_name) {
-    TORCH_CHECK_VALUE(args.device().is_cuda(), op, ": ", first_name, " must be a CUDA tensor, got device ",
-                      args.device().str());
-    guard.set_device(args.device());
-    args.dim(first, first_name, 2);
-    args.dim(seq, seq_name, 3);
-    T = seq.size(0), B = first.size(0), H = first.size(1);
-    const int64_t G = pers::gates_of(cell);
-    args.floating(first, first_name, {B, H});
-    args.floating(w_hh, "w_hh", {G * H, H});
-    if (lengths) args.fixed(*lengths, "lengths", at::kLong, {B});
-    plan = pers_query(op, cell, args.dtype(), backward, B, H, args.device().index(), max_blocks,
+  PersCall(const SeqCall& call, pers::Cell cell, bool backward, int64_t max_blocks, int64_t max_rows_per_block)
+      : s(call) {
+    guard.set_device(s.args.device());
+    plan = pers_query(s.args.op(), cell, s.args.dtype(), backward, s.B, s.H, s.args.device().index(), max_blocks,
                       max_rows_per_block);
-    TORCH_CHECK_VALUE(plan.fits, op, ": the layer (batch ", B, ", hidden ", H,
+    TORCH_CHECK_VALUE(plan.fits, s.args.op(), ": the layer (batch ", s.B, ", hidden ", s.H,
                       ") does not fit the persistent kernels: ", plan.reason);
   }
 
   Tensor empty(at::IntArrayRef shape) const {
-    return at::empty(shape, at::TensorOptions().dtype(args.dtype()).device(args.device()));
+    return at::empty(shape, at::TensorOptions().dtype(s.args.dtype()).device(s.args.device()));
   }
   void* workspace() {  // from torch's caching allocator, freed (stream-ordered) after the launch
-    ws = at::empty({plan.workspace_bytes}, at::TensorOptions().dtype(at::kByte).device(args.device()));
+    ws = at::empty({plan.workspace_bytes}, at::TensorOptions().dtype(at::kByte).device(s.args.device()));
     return ws.data_ptr();
   }
-  void launch(cudaError_t status) const { cuda_impl::check_launch(status, args.op()); }
+  void launch(cudaError_t status) const { cuda_impl::check_launch(status, s.args.op()); }
 };
 
 void* opt_out(OptTensor& t) { return t ? t->data_ptr() : nullptr; }
 
-std::tuple<Tensor, Tensor, OptTensor> persistent_gru_fwd(const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
-                                                         const OptTensor& b_hh, const OptTensor& lengths,
-                                                         bool reverse, bool save, int64_t max_blocks,
-                                                         int64_t max_rows_per_block) {
-  PersCall c("persistent_gru_fwd", pers::Cell::kGru, false, h0, "h0", gx, "gx", w_hh, lengths, max_blocks,
-             max_rows_per_block);
-  c.args.floating(gx, "gx", {c.T, c.B, 3 * c.H});
-  if (b_hh) c.args.floating(*b_hh, "b_hh", {3 * c.H});
-  Tensor out = c.empty({c.T, c.B, c.H}), h_n = c.empty({c.B, c.H});
+namespace cuda_impl {
+
+std::tuple<Tensor, Tensor, OptTensor> persistent_gru_fwd(const SeqCall& s, const Tensor& gx, const Tensor& h0,
+                                                         const Tensor& w_hh, const OptTensor& b_hh,
+                                                         const OptTensor& lengths, bool reverse, bool save,
+                                                         int64_t max_blocks, int64_t max_rows_per_block) {
+  PersCall c(s, pers::Cell::kGru, false, max_blocks, max_rows_per_block);
+  Tensor out = c.empty({s.T, s.B, s.H}), h_n = c.empty({s.B, s.H});
   OptTensor saved;
-  if (save) saved = c.empty({c.T, c.B, 4 * c.H});
-  c.launch(pers::gru_forward(c.plan, c.T, reverse, gx.data_ptr(), h0.data_ptr(), w_hh.data_ptr(),
-                             cuda_impl::opt_ptr(b_hh), cuda_impl::index_ptr(lengths), out.data_ptr(),
-                             h_n.data_ptr(), opt_out(saved), c.workspace(), cuda_impl::current_stream()));
+  if (save) saved = c.empty({s.T, s.B, 4 * s.H});
+  c.launch(pers::gru_forward(c.plan, s.T, reverse, gx.data_ptr(), h0.data_ptr(), w_hh.data_ptr(), opt_ptr(b_hh),
+                             index_ptr(lengths), out.data_ptr(), h_n.data_ptr(), opt_out(saved), c.workspace(),
+                             current_stream()));
   return {out, h_n, saved};
 }
 
 std::tuple<Tensor, Tensor, Tensor, OptTensor, OptTensor> persistent_lstm_fwd(
-    const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const OptTensor& b_hh,
-    const OptTensor& lengths, bool reverse, bool save, int64_t max_blocks, int64_t max_rows_per_block) {
-  PersCall c("persistent_lstm_fwd", pers::Cell::kLstm, false, h0, "h0", gx, "gx", w_hh, lengths, max_blocks,
-             max_rows_per_block);
-  c.args.floating(gx, "gx", {c.T, c.B, 4 * c.H});
-  c.args.floating(c0, "c0", {c.B, c.H});
-  if (b_hh) c.args.floating(*b_hh, "b_hh", {4 * c.H});
-  Tensor out = c.empty({c.T, c.B, c.H}), h_n = c.empty({c.B, c.H}), c_n = c.empty({c.B, c.H});
+    const SeqCall& s, const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const OptTensor& b_hh, const OptTensor& lengths, bool reverse, bool save, int64_t max_blocks,
+    int64_t max_rows_per_block) {
+  PersCall c(s, pers::Cell::kLstm, false, max_blocks, max_rows_per_block);
+  Tensor out = c.empty({s.T, s.B, s.H}), h_n = c.empty({s.B, s.H}), c_n = c.empty({s.B, s.H});
   OptTensor saved, c_seq;
   if (save) {
-    saved = c.empty({c.T, c.B, 4 * c.H});
-    c_seq = c.empty({c.T, c.B, c.H});
+    saved = c.empty({s.T, s.B, 4 * s.H});
+    c_seq = c.empty({s.T, s.B, s.H});
   }
-  c.launch(pers::lstm_forward(c.plan, c.T, reverse, gx.data_ptr(), h0.data_ptr(), c0.data_ptr(), w_hh.data_ptr(),
-                              cuda_impl::opt_ptr(b_hh), cuda_impl::index_ptr(lengths), out.data_ptr(),
-                              h_n.data_ptr(), c_n.data_ptr(), opt_out(saved), opt_out(c_seq), c.workspace(),
-                              cuda_impl::current_stream()));
+  c.launch(pers::lstm_forward(c.plan, s.T, reverse, gx.data_ptr(), h0.data_ptr(), c0.data_ptr(), w_hh.data_ptr(),
+                              opt_ptr(b_hh), index_ptr(lengths), out.data_ptr(), h_n.data_ptr(), c_n.data_ptr(),
+                              opt_out(saved), opt_out(c_seq), c.workspace(), current_stream()));
   return {out, h_n, c_n, saved, c_seq};
+}
+
+std::tuple<Tensor, Tensor, Tensor> persistent_gru_bwd(const SeqCall& s, const OptTensor& grad_out,
+                                                      const OptTensor& grad_h_n, const Tensor& out,
+                                                      const Tensor& h0, const Tensor& saved, const Tensor& w_hh,
+                                                      const OptTensor& lengths, bool reverse, int64_t max_blocks,
+                                                      int64_t max_rows_per_block) {
+  PersCall c(s, pers::Cell::kGru, true, max_blocks, max_rows_per_block);
+  Tensor grad_gx = c.empty({s.T, s.B, 3 * s.H}), grad_gh = c.empty({s.T, s.B, 3 * s.H});
+  Tensor grad_h0 = c.empty({s.B, s.H});
+  c.launch(pers::gru_backward(c.plan, s.T, reverse, opt_ptr(grad_out), opt_ptr(grad_h_n), out.data_ptr(),
+                              h0.data_ptr(), saved.data_ptr(), w_hh.data_ptr(), index_ptr(lengths),
+                              grad_gx.data_ptr(), grad_gh.data_ptr(), grad_h0.data_ptr(), c.workspace(),
+                              current_stream()));
+  return {grad_gx, grad_gh, grad_h0};
+}
+
+std::tuple<Tensor, Tensor, Tensor> persistent_lstm_bwd(const SeqCall& s, const OptTensor& grad_out,
+                                                       const OptTensor& grad_h_n, const OptTensor& grad_c_n,
+                                                       const Tensor& c0, const Tensor& c_seq, const Tensor& saved,
+                                                       const Tensor& w_hh, const OptTensor& lengths, bool reverse,
+                                                       int64_t max_blocks, int64_t max_rows_per_block) {
+  PersCall c(s, pers::Cell::kLstm, true, max_blocks, max_rows_per_block);
+  Tensor grad_gates = c.empty({s.T, s.B, 4 * s.H}), grad_h0 = c.empty({s.B, s.H}), grad_c0 = c.empty({s.B, s.H});
+  c.launch(pers::lstm_backward(c.plan, s.T, reverse, opt_ptr(grad_out), opt_ptr(grad_h_n), opt_ptr(grad_c_n),
+                               c0.data_ptr(), c_seq.data_ptr(), saved.data_ptr(), w_hh.data_ptr(),
+                               index_ptr(lengths), grad_gates.data_ptr(), grad_h0.data_ptr(), grad_c0.data_ptr(),
+                               c.workspace(), current_stream()));
+  return {grad_gates, grad_h0, grad_c0};
+}
+
+}  // namespace cuda_impl
+#endif  // WITH_CUDA
+
+std::tuple<Tensor, Tensor, OptTensor> persistent_gru_fwd(const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
+                                                         const OptTensor& b_hh, const OptTensor& lengths,
+                                                         bool reverse, bool save,
+                                                         [[maybe_unused]] int64_t max_blocks,
+                                                         [[maybe_unused]] int64_t max_rows_per_block) {
+  const SeqCall s("persistent_gru_fwd", 3, h0, "h0", gx, "gx", w_hh, lengths);
+  s.args.floating(gx, "gx", {s.T, s.B, 3 * s.H});
+  if (b_hh) s.args.floating(*b_hh, "b_hh", {3 * s.H});
+#ifdef WITH_CUDA
+  if (s.args.device().is_cuda())
+    return cuda_impl::persistent_gru_fwd(s, gx, h0, w_hh, b_hh, lengths, reverse, save, max_blocks,
+                                         max_rows_per_block);
+#endif
+  return cpu::persistent_gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse, save);
+}
+
+std::tuple<Tensor, Tensor, Tensor, OptTensor, OptTensor> persistent_lstm_fwd(
+    const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const OptTensor& b_hh,
+    const OptTensor& lengths, bool reverse, bool save, [[maybe_unused]] int64_t max_blocks,
+    [[maybe_unused]] int64_t max_rows_per_block) {
+  const SeqCall s("persistent_lstm_fwd", 4, h0, "h0", gx, "gx", w_hh, lengths);
+  s.args.floating(gx, "gx", {s.T, s.B, 4 * s.H});
+  s.args.floating(c0, "c0", {s.B, s.H});
+  if (b_hh) s.args.floating(*b_hh, "b_hh", {4 * s.H});
+#ifdef WITH_CUDA
+  if (s.args.device().is_cuda())
+    return cuda_impl::persistent_lstm_fwd(s, gx, h0, c0, w_hh, b_hh, lengths, reverse, save, max_blocks,
+                                          max_rows_per_block);
+#endif
+  return cpu::persistent_lstm_fwd(gx, h0, c0, w_hh, b_hh, lengths, reverse, save);
 }
 
 std::tuple<Tensor, Tensor, Tensor> persistent_gru_bwd(const OptTensor& grad_out, const OptTensor& grad_h_n,
                                                       const Tensor& out, const Tensor& h0, const Tensor& saved,
                                                       const Tensor& w_hh, const OptTensor& lengths, bool reverse,
-                                                      int64_t max_blocks, int64_t max_rows_per_block) {
-  PersCall c("persistent_gru_bwd", pers::Cell::kGru, true, h0, "h0", out, "out", w_hh, lengths, max_blocks,
-             max_rows_per_block);
-  c.args.floating(out, "out", {c.T, c.B, c.H});
-  c.args.floating(saved, "saved", {c.T, c.B, 4 * c.H});
-  if (grad_out) c.args.floating(*grad_out, "grad_out", {c.T, c.B, c.H});
-  if (grad_h_n) c.args.floating(*grad_h_n, "grad_h_n", {c.B, c.H});
-  Tensor grad_gx = c.empty({c.T, c.B, 3 * c.H}), grad_gh = c.empty({c.T, c.B, 3 * c.H});
-  Tensor grad_h0 = c.empty({c.B, c.H});
-  c.launch(pers::gru_backward(c.plan, c.T, reverse, cuda_impl::opt_ptr(grad_out), cuda_impl::opt_ptr(grad_h_n),
-                              out.data_ptr(), h0.data_ptr(), saved.data_ptr(), w_hh.data_ptr(),
-                              cuda_impl::index_ptr(lengths), grad_gx.data_ptr(), grad_gh.data_ptr(),
-                              grad_h0.data_ptr(), c.workspace(), cuda_impl::current_stream()));
-  return {grad_gx, grad_gh, grad_h0};
+                                                      [[maybe_unused]] int64_t max_blocks,
+                                                      [[maybe_unused]] int64_t max_rows_per_block) {
+  const SeqCall s("persistent_gru_bwd", 3, h0, "h0", out, "out", w_hh, lengths);
+  s.args.floating(out, "out", {s.T, s.B, s.H});
+  s.args.floating(saved, "saved", {s.T, s.B, 4 * s.H});
+  if (grad_out) s.args.floating(*grad_out, "grad_out", {s.T, s.B, s.H});
+  if (grad_h_n) s.args.floating(*grad_h_n, "grad_h_n", {s.B, s.H});
+#ifdef WITH_CUDA
+  if (s.args.device().is_cuda())
+    return cuda_impl::persistent_gru_bwd(s, grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse, max_blocks,
+                                         max_rows_per_block);
+#endif
+  return cpu::persistent_gru_bwd(grad_out, grad_h_n, out, h0, saved, w_hh, lengths, reverse);
 }
 
 std::tuple<Tensor, Tensor, Tensor> persistent_lstm_bwd(const OptTensor& grad_out, const OptTensor& grad_h_n,
                                                        const OptTensor& grad_c_n, const Tensor& c0,
                                                        const Tensor& c_seq, const Tensor& saved,
                                                        const Tensor& w_hh, const OptTensor& lengths, bool reverse,
-                                                       int64_t max_blocks, int64_t max_rows_per_block) {
-  PersCall c("persistent_lstm_bwd", pers::Cell::kLstm, true, c0, "c0", c_seq, "c_seq", w_hh, lengths, max_blocks,
-             max_rows_per_block);
-  c.args.floating(c_seq, "c_seq", {c.T, c.B, c.H});
-  c.args.floating(saved, "saved", {c.T, c.B, 4 * c.H});
-  if (grad_out) c.args.floating(*grad_out, "grad_out", {c.T, c.B, c.H});
-  if (grad_h_n) c.args.floating(*grad_h_n, "grad_h_n", {c.B, c.H});
-  if (grad_c_n) c.args.floating(*grad_c_n, "grad_c_n", {c.B, c.H});
-  Tensor grad_gates = c.empty({c.T, c.B, 4 * c.H}), grad_h0 = c.empty({c.B, c.H}), grad_c0 = c.empty({c.B, c.H});
-  c.launch(pers::lstm_backward(c.plan, c.T, reverse, cuda_impl::opt_ptr(grad_out), cuda_impl::opt_ptr(grad_h_n),
-                               cuda_impl::opt_ptr(grad_c_n), c0.data_ptr(), c_seq.data_ptr(), saved.data_ptr(),
-                               w_hh.data_ptr(), cuda_impl::index_ptr(lengths), grad_gates.data_ptr(),
-                               grad_h0.data_ptr(), grad_c0.data_ptr(), c.workspace(),
-                               cuda_impl::current_stream()));
-  return {grad_gates, grad_h0, grad_c0};
+                                                       [[maybe_unused]] int64_t max_blocks,
+                                                       [[maybe_unused]] int64_t max_rows_per_block) {
+  const SeqCall s("persistent_lstm_bwd", 4, c0, "c0", c_seq, "c_seq", w_hh, lengths);
+  s.args.floating(c_seq, "c_seq", {s.T, s.B, s.H});
+  s.args.floating(saved, "saved", {s.T, s.B, 4 * s.H});
+  if (grad_out) s.args.floating(*grad_out, "grad_out", {s.T, s.B, s.H});
+  if (grad_h_n) s.args.floating(*grad_h_n, "grad_h_n", {s.B, s.H});
+  if (grad_c_n) s.args.floating(*grad_c_n, "grad_c_n", {s.B, s.H});
+#ifdef WITH_CUDA
+  if (s.args.device().is_cuda())
+    return cuda_impl::persistent_lstm_bwd(s, grad_out, grad_h_n, grad_c_n, c0, c_seq, saved, w_hh, lengths, reverse,
+                                          max_blocks, max_rows_per_block);
+#endif
+  return cpu::persistent_lstm_bwd(grad_out, grad_h_n, grad_c_n, c0, c_seq, saved, w_hh, lengths, reverse);
 }
-#endif  // WITH_CUDA
 
 }  // namespace
 }  // namespace fused_s2s
@@ -724,15 +788,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_weights"), py::arg("q"), py::arg("k"), py::arg("values"), py::arg("mask"),
         py::arg("lengths"), py::arg("kv_batch_idx"), py::arg("scale"), py::arg("weights"),
         py::arg("lse"), nogil);
-#ifdef WITH_CUDA
-  // Persistent whole-sequence layers (CUDA builds only; see cuda/persistent_rnn.h). Sequence
-  // tensors are padded time-major (T, B, ...); lengths (B,) int64 on the same device or None.
-  // Tuning knobs of the plan: max_blocks (0: one block per SM), max_rows_per_block (1..16).
+  // Persistent whole-sequence layers (see cuda/persistent_rnn.h): on CPU tensors in every build,
+  // on CUDA tensors in CUDA builds. Sequence tensors are padded time-major (T, B, ...); lengths
+  // (B,) int64 on the same device or None. Tuning knobs of the CUDA plan (ignored on CPU):
+  // max_blocks (0: one block per SM), max_rows_per_block (1..16).
   const py::arg_v max_blocks = py::arg("max_blocks") = 0, max_rows = py::arg("max_rows_per_block") = 16;
-  m.def("persistent_rnn_plan", &persistent_rnn_plan,
-        "-> dict: the tiling of one layer direction on `device` (fits, reason, grid, shared memory)",
-        py::arg("cell"), py::arg("dtype"), py::arg("batch"), py::arg("hidden"), py::arg("device"),
-        py::arg("backward") = false, max_blocks, max_rows);
   m.def("persistent_gru_fwd", &persistent_gru_fwd, "-> (out, h_n, saved or None)", py::arg("gx"), py::arg("h0"),
         py::arg("w_hh"), py::arg("b_hh"), py::arg("lengths"), py::arg("reverse"), py::arg("save"),
         max_blocks, max_rows, nogil);
@@ -745,5 +805,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("persistent_lstm_bwd", &persistent_lstm_bwd, "-> (grad_gates, grad_h0, grad_c0)", py::arg("grad_out"),
         py::arg("grad_h_n"), py::arg("grad_c_n"), py::arg("c0"), py::arg("c_seq"), py::arg("saved"),
         py::arg("w_hh"), py::arg("lengths"), py::arg("reverse"), max_blocks, max_rows, nogil);
+#ifdef WITH_CUDA
+  m.def("persistent_rnn_plan", &persistent_rnn_plan,
+        "-> dict: the tiling of one layer direction on `device` (fits, reason, grid, shared memory)",
+        py::arg("cell"), py::arg("dtype"), py::arg("batch"), py::arg("hidden"), py::arg("device"),
+        py::arg("backward") = false, max_blocks, max_rows);
 #endif
 }

@@ -1,7 +1,8 @@
 """The persistent whole-sequence GRU/LSTM kernels through their autograd Functions: parity with
 the float64 reference (the per-step math of the design, and nn.GRU/nn.LSTM), gradients, lengths,
-reverse, the plan knobs and bad input. The CUDA kernels (backend "cpp") need a GPU; the Triton
-ones (H <= 64) also run on CPU under Triton's interpreter, which is how CI tests them."""
+reverse, the plan knobs and bad input. The CUDA kernels (backend "cpp") need a GPU; backend
+"cpp" on CPU tensors is the C++ time loop; the Triton kernels (H <= 64) also run on CPU under
+Triton's interpreter, which is how CI tests them."""
 import copy
 import types
 
@@ -335,25 +336,118 @@ def test_bad_input_raises_clear_errors():
     assert "float64" in persistent_layer_available("GRU", torch.randn(2, 1, 3, device="cuda").double(), 8)
 
 
-# -------------------------------------------------------------------------------- CPU
+# ------------------------------------------------------------------ the C++ time loop on CPU
+
+CPU_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [s[:3] for s in SHAPES], ids=lambda s: "T{}-B{}-H{}".format(*s))
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("lengths", ["full", "ragged"])
+def test_cpu_loop_matches_the_reference(cell, dtype, shape, reverse, lengths, poison_uninitialized):
+    steps, batch, hidden = shape
+    assert persistent_layer_available(cell, torch.zeros(steps, batch, 1, dtype=dtype), hidden) is None
+    check_parity(cell, steps, batch, hidden, dtype, None if lengths == "full" else ragged(steps, batch), reverse,
+                 device="cpu")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_cpu_loop_is_the_per_step_kernels_arithmetic(cell, reverse):
+    """The loop runs the per-step cell primitives' arithmetic in their order: bitwise the same
+    outputs and gradients as backend "cpp"'s per-step Functions, in float32."""
+    from fused_s2s.backends.autograd import GRUFunction, LSTMFunction
+    layer, grads = make_layer(cell, 9, 6, 40, device="cpu")
+    steps, batch = 9, 6
+
+    def per_step(cell, gx, h0, c0, w_hh, b_hh, lengths, reverse):
+        rows = gx.reshape(steps * batch, -1)
+        if cell == "gru":
+            out, h_n = GRUFunction.apply(rows, h0, w_hh, b_hh, (batch,) * steps, reverse, "cpp")
+            return out.view(steps, batch, -1), h_n, None
+        out, h_n, c_n = LSTMFunction.apply(rows, h0, c0, w_hh, b_hh, (batch,) * steps, reverse, "cpp")
+        return out.view(steps, batch, -1), h_n, c_n
+
+    ours = run(ours_layer, cell, layer, grads, torch.float32, None, reverse)
+    theirs = run(per_step, cell, layer, grads, torch.float32, None, reverse)
+    for part, other in zip(ours, theirs):
+        for name in part:
+            assert torch.equal(part[name], other[name]), name
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpu_loop_without_bias_missing_gradients_inference_and_clamped_lengths(cell, poison_uninitialized):
+    check_parity(cell, 6, 5, 33, torch.float32, ragged(6, 5), True, bias=False, device="cpu")
+    for used in ("out", "h_n", "c_n")[:2 if cell == "gru" else 3]:  # the others' gradients reach backward as None
+        check_parity(cell, 6, 5, 33, torch.float32, ragged(6, 5), False, used=(used,), device="cpu")
+    for reverse in (False, True):  # past T: the whole sequence; negative: none (as the CUDA kernels)
+        check_parity(cell, 5, 4, 9, torch.float32, torch.tensor([5 + 3, -2, 1000, 2]), reverse, device="cpu")
+    layer, _ = make_layer(cell, 5, 3, 9, device="cpu")
+    args = [layer[k].float() if layer[k] is not None else None for k in ("gx", "h0", "c0", "w_hh", "b_hh")]
+    with torch.no_grad():  # nothing saved for backward: the same outputs
+        inference = ours_layer(cell, *args, ragged(5, 3), True)
+    training = ours_layer(cell, *args, ragged(5, 3), True)
+    for a, b in zip(inference, training):
+        assert (a is None and b is None) or torch.equal(a, b.detach())
+    layer, grads = make_layer(cell, 0, 3, 9, device="cpu")  # an empty sequence: fresh initial states
+    outputs, grad = run(ours_layer, cell, layer, grads, torch.float32, None, False)
+    assert outputs["out"].shape == (0, 3, 9)
+    torch.testing.assert_close(outputs["h_n"], layer["h0"].float())
+    torch.testing.assert_close(grad["h0"], grads["h_n"].float())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("via", ["padded", "lengths", "packed"])
+def test_cpu_modules_route_to_the_loop_and_match_torch_nn(cell, via):
+    """fused_s2s.GRU/LSTM(backend="cpp") on CPU run their layers on the loop, with nn's outputs
+    and gradients (a bidirectional layer, padded, packed or lengths=)."""
+    steps, batch, input_size, hidden = 7, 5, 19, 33
+    torch.manual_seed(0)
+    ref = (torch.nn.GRU if cell == "gru" else torch.nn.LSTM)(input_size, hidden, bidirectional=True).double()
+    ours = (fused_s2s.GRU if cell == "gru" else fused_s2s.LSTM)(input_size, hidden, bidirectional=True,
+                                                                backend="cpp", dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    lengths = None if via == "padded" else torch.tensor([7, 3, 1, 7, 5])
+    x = torch.randn(steps, batch, input_size, dtype=torch.float64)
+    grad_out = torch.randn(steps, batch, 2 * hidden, dtype=torch.float64)
+    results = []
+    for module, is_ours in ((ref, False), (ours, True)):
+        xi = x.clone().requires_grad_(True)
+        calls = []
+        original = getattr(PA, f"persistent_{cell}_layer")
+        setattr(PA, f"persistent_{cell}_layer", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+        try:
+            if lengths is not None and (via == "packed" or not is_ours):
+                out = pad_packed_sequence(module(pack_padded_sequence(xi, lengths, enforce_sorted=False))[0],
+                                          total_length=steps)[0]
+            else:
+                out = module(xi, lengths=lengths)[0] if is_ours else module(xi)[0]
+        finally:
+            setattr(PA, f"persistent_{cell}_layer", original)
+        assert len(calls) == (2 if is_ours else 0), "the module did not run on the whole-sequence loop"
+        (out * grad_out).sum().backward()
+        results.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a)
 
 
 def test_unavailable_paths_give_a_reason(monkeypatch):
-    """Without the CUDA kernels (a CPU-only build) or for CPU tensors, the persistent path says
-    why it cannot run, and the Functions raise with that reason instead of crashing."""
+    """Paths the persistent kernels do not cover say why, and the Functions raise with that
+    reason instead of crashing: CUDA tensors without the CUDA kernels (a CPU-only build), and
+    a CPU call on the Triton backend (its interpreter is for tests)."""
     x = torch.randn(3, 2, 4)
-    for mode in ("GRU", "LSTM"):
-        reason = persistent_layer_available(mode, x, 8)
-        assert isinstance(reason, str) and "CUDA" in reason
     module, _ = PA._kernels()
     if module is not None and not module.has_cuda:
-        assert not any(name.startswith("persistent_") for name in dir(module))
+        assert not hasattr(module, "persistent_rnn_plan")
+    reason = PA.route("GRU", "torch", x, 6, 2, 8, True)[1]
+    assert "only backend 'cpp'" in reason and "'torch'" in reason
 
     monkeypatch.setattr(PA, "_extension", lambda: types.SimpleNamespace(has_cuda=False))
-    reason = persistent_layer_available("GRU", x, 8)
+    reason = PA._fit_reason("GRU", torch.float32, torch.device("cuda", 0), 2, 8, True)
     assert "without CUDA kernels" in reason
-    with pytest.raises(RuntimeError, match="without CUDA kernels"):
-        PersistentGRUFunction.apply(torch.randn(3, 2, 24), torch.zeros(2, 8), torch.randn(24, 8), None, None, False)
+    assert "float32" in PA._fit_reason("LSTM", torch.int64, torch.device("cpu"), 2, 8, True)
 
 
 # ------------------------------------------------------------------- the Triton kernels (H <= 64)

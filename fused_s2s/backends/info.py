@@ -29,7 +29,9 @@ def describe() -> str:
     for dev, order in registry.AUTO_ORDER.items():
         lines += dispatch.describe(torch.device(dev))
         lines.append(f"  per-step kernels under auto on {dev}: tries {', '.join(order)}")
-    have = [n for n in persistent_autograd.KERNEL_BACKENDS if persistent_autograd._kernels(n)[0] is not None]
-    lines.append("persistent GRU/LSTM layers on CUDA: " + (", ".join(have) or "none built")
+    built = {n: persistent_autograd._kernels(n)[0] for n in persistent_autograd.KERNEL_BACKENDS}
+    on_cuda = [n for n, m in built.items() if m is not None and (n != "cpp" or m.has_cuda)]
+    lines.append("whole-sequence GRU/LSTM layers: on CPU " + ("cpp (its C++ time loop)" if built["cpp"] else "none built")
+                 + "; on CUDA " + (", ".join(on_cuda) or "none built")
                  + ("" if persistent_autograd.enabled else " (switched off: FUSED_S2S_PERSISTENT=0)"))
     return "\n".join(lines)

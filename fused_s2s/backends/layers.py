@@ -2,8 +2,8 @@
 two kernel paths, and the loop over layers and directions.
 
 The paths (`choose_path`): "native" (PyTorch's fused RNN on our weights, see `native`), the
-persistent whole-sequence kernels (`persistent_autograd`: CUDA, one launch per layer
-direction) or the per-step kernels (`gru_layer` / `lstm_layer`: the autograd Functions over
+persistent whole-sequence kernels (`persistent_autograd`: one call per layer direction; on
+CUDA one kernel launch, on CPU the C++ time loop) or the per-step kernels (`gru_layer` / `lstm_layer`: the autograd Functions over
 the packed-rows layout). Both kernel paths are a `Directions`: `prepare` takes the module's
 input rows into the path's layout, a call runs one layer direction (or, where `pairs`, both
 directions of a layer at once), and `restore` takes the last layer's output back to rows.

@@ -1,20 +1,22 @@
-"""Autograd Functions over the persistent whole-sequence GRU/LSTM kernels: the CUDA ones of
-fused_s2s._C (backend "cpp"; see csrc/cuda/persistent_rnn.h and fused_s2s/backends/persistent.py) and the
-Triton ones for hidden sizes up to 64 (backend "triton"; triton_kernels/persistent_rnn.py). Both
-take the same arguments and give the same outputs.
+"""Autograd Functions over the persistent whole-sequence GRU/LSTM kernels: those of
+fused_s2s._C (backend "cpp": the CUDA kernels of csrc/cuda/persistent_rnn.h, see
+fused_s2s/backends/persistent.py, and on CPU the C++ time loop of csrc/cpu/persistent_rnn.cpp)
+and the Triton ones for hidden sizes up to 64 (backend "triton"; triton_kernels/persistent_rnn.py).
+All take the same arguments and give the same outputs.
 
 Layout: padded and time-major. gx (T,B,G*H) = x @ W_ih^T + b_ih for all steps (one GEMM by the
 caller: `persistent_gru_layer` / `persistent_lstm_layer` do it), h0/c0 (B,H), W_hh (G*H,H), b_hh
 (G*H) or None, lengths (B,) or None. A row b runs the steps t < lengths[b] (from its own last
 step when reversed, as in a PackedSequence); `out` is zero past a row's length and h_n/c_n are
-the state after its last step. One launch per layer direction, forward and backward; the
+the state after its last step. One call per layer direction, forward and backward; the
 backward kernel gives the gate gradients of every step and dW_hh, db_hh are whole-sequence GEMMs
 here (dW_ih, db_ih and dx follow from gx through autograd).
 
-fused_s2s.GRU/LSTM run their layers here when `route()` finds nothing in the way: CUDA input,
-a backend with persistent kernels chosen for the call, kernels that fit the shape (forward, and
-backward when gradients are needed), not inside torch.compile (it traces the per-step custom
-ops), and not switched off with $FUSED_S2S_PERSISTENT=0 or `fused_s2s.backends.persistent_autograd.enabled = False`.
+fused_s2s.GRU/LSTM run their layers here when `route()` finds nothing in the way: a backend with
+whole-sequence kernels for the input's device chosen for the call (CUDA: "cpp" or "triton"; CPU:
+"cpp"), kernels that fit the shape (forward, and backward when gradients are needed), not
+inside torch.compile (it traces the per-step custom ops), and not switched off with
+$FUSED_S2S_PERSISTENT=0 or `fused_s2s.backends.persistent_autograd.enabled = False`.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from . import registry
 from .persistent import MAX_ROWS_PER_BLOCK, previous_states, recurrent_weight_gradients
 from .tensors import autocast_inputs, no_autocast
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # CUDA's; the CPU loop also takes float64
+_CPU_DTYPES = _DTYPES + (torch.float64,)
 KERNEL_BACKENDS = ("cpp", "triton")  # the backends that have persistent layer kernels
 
 enabled = os.environ.get("FUSED_S2S_PERSISTENT", "1") != "0"
@@ -49,8 +52,6 @@ def _kernels(backend: str = "cpp") -> Tuple[Optional[ModuleType], Optional[str]]
         module = _extension() if backend == "cpp" else registry.load(backend)
     except registry.BackendUnavailable as e:
         return None, str(e)
-    if not hasattr(module, "persistent_gru_fwd"):
-        return None, "fused_s2s._C was built without CUDA kernels, so without the persistent kernels"
     return module, None
 
 
@@ -92,10 +93,14 @@ def _fit_reason(mode: str, dtype: torch.dtype, device: torch.device, batch: int,
         return reason
     if backend == "triton":  # one program per 16 batch rows, no plan: the hidden size decides
         return module.persistent_reason(device, dtype, hidden, cell, training)
+    if device.type == "cpu":  # the C++ time loop: any shape
+        return None if dtype in _CPU_DTYPES else f"the CPU whole-sequence loop supports {_names(_CPU_DTYPES)}, not {dtype}"
     if device.type != "cuda":
-        return f"the persistent kernels need CUDA tensors, got device {device}"
+        return f"the persistent kernels need CPU or CUDA tensors, got device {device}"
+    if not module.has_cuda:
+        return "fused_s2s._C was built without CUDA kernels, so without the persistent CUDA kernels"
     if dtype not in _DTYPES:
-        return f"the persistent kernels support float32/float16/bfloat16, not {dtype}"
+        return f"the persistent kernels support {_names(_DTYPES)}, not {dtype}"
     device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     for backward in (False, True) if training else (False,):
         reason = _plan_reason(cell, dtype, int(batch), int(hidden), device, backward, int(max_blocks),
@@ -112,17 +117,22 @@ def route(mode: str, backend: Optional[str], data: Tensor, rows: int, batch: int
     autocast dtype when autocast is on); rows: its rows N over all steps (padded or packed)."""
     if not enabled:
         return None, "switched off ($FUSED_S2S_PERSISTENT=0 or persistent_autograd.enabled = False)"
-    if not data.is_cuda:
-        return None, f"the persistent kernels need CUDA tensors, got device {data.device}"
     if rows == 0:
         return None, "no steps or no rows: nothing to launch"
     if torch.compiler.is_compiling():
         return None, "inside torch.compile the per-step custom ops are traced instead"
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else data.dtype
+    kind = data.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else data.dtype
     op = "gru_cell" if mode.lower() == "gru" else "lstm_cell"
     name = registry.resolve(backend, op, data.device, dtype, rows * 4 * hidden)
+    if kind != "cuda" and name != "cpp":  # Triton on CPU is its interpreter: for tests, not for speed
+        return None, f"off CUDA only backend 'cpp' has whole-sequence kernels, the call runs on {name!r}"
     reason = _fit_reason(mode, dtype, data.device, batch, hidden, training, backend=name)
     return (name, "") if reason is None else (None, reason)
+
+
+def _names(dtypes) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
 
 
 def _lengths_on(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
