@@ -169,7 +169,7 @@ def _class(record: Dict[str, Any]) -> str:
     c = record["config"]
     op = record["op"]
     size = c.get("Tq") if op in dispatch.ATTENTION_OPS else c["H"]
-    return dispatch.shape_class(op, c.get("B", 1), size, record["passes"] == "fwd+bwd")
+    return dispatch.shape_class(op, c.get("B", 1), size, record["passes"] == "fwd+bwd", c.get("T"))
 
 
 def build_table(records: List[Dict[str, Any]], device: torch.device, env: Dict[str, Any],

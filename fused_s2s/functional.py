@@ -159,13 +159,14 @@ def training(tensors) -> bool:
 
 
 def backend_for(op: str, device, dtype: torch.dtype = torch.float32, *, batch: int, size: int, training: bool,
-                backend: Optional[str] = None) -> str:
+                backend: Optional[str] = None, steps: Optional[int] = None) -> str:
     """The backend that a call of `op` ("GRU", "LSTM", "gru_cell", "lstm_cell",
     "additive_attention", "dot_attention") runs on, for tensors of this device and dtype, batch
-    `batch` and hidden size (attention: queries per row) `size`: what `backend` (None: the
-    process default) resolves to, "auto" included. Raises BackendUnavailable as the call would."""
+    `batch`, hidden size (attention: queries per row) `size` and, for a layer, `steps` time
+    steps (None: several): what `backend` (None: the process default) resolves to, "auto"
+    included. Raises BackendUnavailable as the call would."""
     device = torch.device(device)
-    name = dispatch.choose(backend, op, device, dtype, batch, size, training)
+    name = dispatch.choose(backend, op, device, dtype, batch, size, training, steps=steps)
     return registry.resolve(None, dispatch.KERNEL_OP[op], device, dtype) if name == "auto" else name
 
 

@@ -148,21 +148,24 @@ def test_compile_traces_native_padded_and_falls_back_for_lengths():
 # ------------------------------------------------------------------------------- auto
 
 
-SAMPLE = {"B=1": 1, "B<=16": 8, "B>16": 64, "H<=256": 64, "H>256": 512, "Tq=1": 1, "Tq>1": 8}
+SAMPLE = {"B=1": 1, "B<=16": 8, "B>16": 64, "H<=256": 64, "H>256": 512, "Tq=1": 1, "Tq>1": 8, "T=1": 1, "T>1": 30}
 
 
 def _representative(cls: str):
-    """(batch, hidden or Tq, training) of a call inside a shape class."""
+    """(batch, hidden or Tq, training, steps) of a call inside a shape class (steps None where
+    the class has no time steps: cells and attention)."""
     parts = cls.split(",")
+    steps = SAMPLE[parts.pop(0)] if parts[0].startswith("T=") or parts[0].startswith("T>") else None
     batch = SAMPLE[parts[0]] if parts[0].startswith("B") else 4
-    return batch, SAMPLE[parts[-2]], parts[-1] == "fwd+bwd"
+    return batch, SAMPLE[parts[-2]], parts[-1] == "fwd+bwd", steps
 
 
 def test_shape_classes_cover_their_names():
     for op in dispatch.OPS:
         for cls in dispatch.classes(op):
-            batch, size, training = _representative(cls)
-            assert dispatch.shape_class(op, batch, size, training) == cls
+            batch, size, training, steps = _representative(cls)
+            assert dispatch.shape_class(op, batch, size, training, steps) == cls
+            assert (steps is not None) == (op in dispatch.LAYER_OPS)
 
 
 def test_committed_table_is_what_auto_does():
@@ -176,12 +179,12 @@ def test_committed_table_is_what_auto_does():
         for dtype_name, per_class in table["entries"].get(op, {}).items():
             dtype = getattr(torch, dtype_name)
             for cls in dispatch.classes(op):
-                batch, size, training = _representative(cls)
+                batch, size, training, steps = _representative(cls)
                 entry = per_class.get(cls)
                 want = entry["backend"] if entry else dispatch.default(op, cpu)
                 if registry.unsupported_reason(want, dispatch.KERNEL_OP[op], cpu, dtype) is not None:
                     continue
-                assert dispatch.choose("auto", op, cpu, dtype, batch, size, training) == want, (op, cls)
+                assert dispatch.choose("auto", op, cpu, dtype, batch, size, training, steps=steps) == want, (op, cls)
                 checked += 1
     assert checked > 0
 
@@ -208,6 +211,33 @@ def test_auto_module_runs_the_table_choice(monkeypatch, mode):
             assert bool(calls) == (choice == "native")
             torch.testing.assert_close(out, ref(x)[0])
     assert dispatch.choose("auto", mode, cpu, torch.float32, 4, 7, False) in registry.NAMES
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_one_step_layer_calls_run_native(monkeypatch, mode):
+    """A layer call of one time step (a decoder stepping its nn.GRU) is a class the runner does
+    not measure: under a table that picks ours for every sequence class, auto still runs
+    PyTorch's kernel for it, and a patched module runs nn's own forward."""
+    cpu = torch.device("cpu")
+    per_class = {cls: {"backend": "cpp"} for cls in dispatch.classes(mode) if cls.startswith("T>1")}
+    dispatch.reset()
+    monkeypatch.setattr(dispatch, "_tables", [{"device_type": "cpu", "kind": "test",
+                                               "entries": {mode: {"float32": per_class}}}])
+    try:
+        assert dispatch.choose("auto", mode, cpu, torch.float32, 32, 128, False, steps=30) == "cpp"
+        assert dispatch.choose("auto", mode, cpu, torch.float32, 32, 128, False, steps=1) == "native"
+        module = getattr(torch.nn, mode)(8, 8, batch_first=True)
+        assert fused_s2s.patch(module) == [""]
+        nn_forward, calls = module._nn_class.forward, []
+        monkeypatch.setattr(module._nn_class, "forward", lambda *a: calls.append(1) or nn_forward(*a))
+        with torch.no_grad():
+            module(torch.randn(3, 1, 8))
+            assert calls == [1], "a one-step call did not run nn's own forward"
+            module(torch.randn(3, 5, 8))
+            assert calls == [1], "a sequence call did not run the table's choice"
+    finally:
+        monkeypatch.undo()
+        dispatch.reset()
 
 
 def test_cuda_defaults_to_native_for_layers_and_cells():

@@ -55,6 +55,18 @@ const S* state_before(const Steps& steps, int64_t b, int64_t t, const S* initial
   return steps.first(b, t) ? initial + b * H : seq + (steps.before(t) * B + b) * H;
 }
 
+// Row b of the gradient reaching the output h of step t: dh (through the state) + grad_out[t]
+// (or dh alone when the output took no gradient), rounded to S as a tensor sum would be.
+template <typename S>
+void step_gradient(S* g, const S* dh, const OptTensor& grad_out, int64_t t, int64_t b, int64_t B, int64_t H) {
+  if (!grad_out) {
+    std::copy_n(dh, H, g);
+    return;
+  }
+  const S* go = ptr<S>(*grad_out) + (t * B + b) * H;
+  for (int64_t j = 0; j < H; ++j) g[j] = static_cast<S>(acc_t<S>(dh[j]) + acc_t<S>(go[j]));
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, OptTensor> persistent_gru_fwd(const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
@@ -119,14 +131,8 @@ std::tuple<Tensor, Tensor, Tensor> persistent_gru_bwd(const OptTensor& grad_out,
       at::parallel_for(0, B, grain_for(2 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const S* dh_b = ptr<S>(dh) + b * H;
-          S* g_b = mut_ptr<S>(g) + b * H;
           if (steps.active(b, t)) {
-            if (grad_out) {
-              const S* go = ptr<S>(*grad_out) + (t * B + b) * H;
-              for (int64_t j = 0; j < H; ++j) g_b[j] = static_cast<S>(acc_t<S>(dh_b[j]) + acc_t<S>(go[j]));
-            } else {
-              std::copy_n(dh_b, H, g_b);
-            }
+            step_gradient(mut_ptr<S>(g) + b * H, dh_b, grad_out, t, b, B, H);
             std::copy_n(state_before(steps, b, t, ptr<S>(h0), ptr<S>(out), B, H), H, mut_ptr<S>(h_prev) + b * H);
             gru_bwd_rows(args, b, b + 1);
           } else {  // the state passed through unchanged: so does its gradient
@@ -207,15 +213,9 @@ std::tuple<Tensor, Tensor, Tensor> persistent_lstm_bwd(const OptTensor& grad_out
       at::parallel_for(0, B, grain_for(2 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const S* dh_b = ptr<S>(dh) + b * H;
-          S* g_b = mut_ptr<S>(g) + b * H;
           S* direct_b = mut_ptr<S>(dh_direct) + b * H;
           if (steps.active(b, t)) {
-            if (grad_out) {
-              const S* go = ptr<S>(*grad_out) + (t * B + b) * H;
-              for (int64_t j = 0; j < H; ++j) g_b[j] = static_cast<S>(acc_t<S>(dh_b[j]) + acc_t<S>(go[j]));
-            } else {
-              std::copy_n(dh_b, H, g_b);
-            }
+            step_gradient(mut_ptr<S>(g) + b * H, dh_b, grad_out, t, b, B, H);
             std::copy_n(state_before(steps, b, t, ptr<S>(c0), ptr<S>(c_seq), B, H), H, mut_ptr<S>(c_prev) + b * H);
             lstm_bwd_rows(args, b, b + 1);
             zero_row(direct_b, H);

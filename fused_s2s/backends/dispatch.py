@@ -7,7 +7,9 @@ Ops: "GRU", "LSTM" (a whole module call: every layer and direction), "gru_cell",
 a row group the runner measures, and resolution runs on every call):
 
 - layers and cells: batch "B=1" | "B<=16" | "B>16", hidden size "H<=256" | "H>256", and
-  "fwd" (no gradient needed) | "fwd+bwd" (training);
+  "fwd" (no gradient needed) | "fwd+bwd" (training); layers also by time steps, "T=1" (a
+  decoder stepping its RNN: the call's fixed cost is never repaid, and the runner measures no
+  such class, so it keeps the default) | "T>1";
 - attention: queries "Tq=1" (a decoder step) | "Tq>1" (all queries at once), and fwd | fwd+bwd.
 
 Where no table or no entry covers a call, layers and cells run on `native` (PyTorch's own
@@ -46,11 +48,18 @@ def size_class(op: str, size: int) -> str:
     return "H<=256" if size <= 256 else "H>256"
 
 
-def shape_class(op: str, batch: int, size: int, training: bool) -> str:
-    """The class a call belongs to, as the tables name it, e.g. "B<=16,H>256,fwd+bwd"."""
+def steps_class(steps: Optional[int]) -> str:
+    """Time steps of a layer call; None: a sequence (the callers that do not say)."""
+    return "T=1" if steps is not None and steps <= 1 else "T>1"
+
+
+def shape_class(op: str, batch: int, size: int, training: bool, steps: Optional[int] = None) -> str:
+    """The class a call belongs to, as the tables name it, e.g. "T>1,B<=16,H>256,fwd+bwd"."""
     parts = [size_class(op, size), PASSES[bool(training)]]
     if op not in ATTENTION_OPS:
         parts.insert(0, batch_class(batch))
+    if op in LAYER_OPS:
+        parts.insert(0, steps_class(steps))
     return ",".join(parts)
 
 
@@ -58,7 +67,8 @@ def classes(op: str) -> List[str]:
     """Every shape class of `op`, in table order."""
     if op in ATTENTION_OPS:
         return [f"{q},{p}" for q in ("Tq=1", "Tq>1") for p in PASSES]
-    return [f"{b},{h},{p}" for b in ("B=1", "B<=16", "B>16") for h in ("H<=256", "H>256") for p in PASSES]
+    cells = [f"{b},{h},{p}" for b in ("B=1", "B<=16", "B>16") for h in ("H<=256", "H>256") for p in PASSES]
+    return [f"{t},{c}" for t in ("T=1", "T>1") for c in cells] if op in LAYER_OPS else cells
 
 
 # ------------------------------------------------------------------------------- tables
@@ -113,38 +123,41 @@ def default(op: str, device: torch.device) -> str:
     return "native"
 
 
-def _class_key(op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int, training: bool) -> Tuple:
+def _class_key(op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int, training: bool,
+               steps: Optional[int]) -> Tuple:
     """shape_class's answer as a cheap key (it runs on every call): what _choices remembers."""
     return (op, device, dtype, 0 if batch <= 1 else (1 if batch <= 16 else 2),
-            size <= (1 if op in ATTENTION_OPS else 256), training)
+            size <= (1 if op in ATTENTION_OPS else 256), training,
+            op in LAYER_OPS and steps is not None and steps <= 1)
 
 
 def table_choice(op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int,
-                 training: bool) -> str:
+                 training: bool, steps: Optional[int] = None) -> str:
     """The backend the table in force names for this call's class (or the default)."""
-    key = _class_key(op, device, dtype, batch, size, training)
+    key = _class_key(op, device, dtype, batch, size, training, steps)
     choice = _choices.get(key)
     if choice is None:
         table = table_for(device)
         entry = None
         if table is not None:
             entry = table["entries"].get(op, {}).get(str(dtype).replace("torch.", ""), {}).get(
-                shape_class(op, batch, size, training))
+                shape_class(op, batch, size, training, steps))
         choice = _choices[key] = entry["backend"] if entry else default(op, device)
     return choice
 
 
 def choose(requested: Optional[str], op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int,
-           training: bool, native_reason: Optional[str] = None) -> str:
+           training: bool, native_reason: Optional[str] = None, steps: Optional[int] = None) -> str:
     """The backend that runs one layer, cell or attention call: "native", or a kernel backend
     name (or "auto" for the kernel-level choice of `registry.resolve`, which checks it and
     warns once when it falls back). `native_reason`: why PyTorch's kernel cannot take this
-    particular call (packed input under torch.compile, ...), or None. A process-wide "native"
+    particular call (packed input under torch.compile, ...), or None. `steps`: a layer call's
+    time steps (None: several). A process-wide "native"
     (set_backend, $FUSED_S2S_BACKEND) leaves attention to auto; asked for by name on attention,
     it raises BackendUnavailable."""
     name = registry.check_name(requested) if requested is not None else registry.get_backend()
     if name == "auto" and native_reason is None and \
-            _choices.get(_class_key(op, device, dtype, batch, size, training)) == "native":
+            _choices.get(_class_key(op, device, dtype, batch, size, training, steps)) == "native":
         return "native"  # the common call, one lookup when seen before
     if name == "native" and requested is None and op in ATTENTION_OPS:
         name = "auto"  # a process-wide native means PyTorch's kernels where it has them: not for attention
@@ -155,7 +168,7 @@ def choose(requested: Optional[str], op: str, device: torch.device, dtype: torch
         return name
     if name != "auto":
         return name
-    choice = table_choice(op, device, dtype, batch, size, training)
+    choice = table_choice(op, device, dtype, batch, size, training, steps)
     if choice == "native":
         return "native" if native_reason is None else "auto"
     if op not in ATTENTION_OPS and native_reason is None and torch.jit.is_tracing():

@@ -60,7 +60,7 @@ def backend_choice(op: str, requested: Optional[str], data: Tensor, batch: int, 
     autocast = torch.is_autocast_enabled(data.device.type)
     dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
     return dispatch.choose(requested, op, data.device, dtype, batch, hidden, training,
-                           native.unsupported_reason(steps, packed, lengths))
+                           native.unsupported_reason(steps, packed, lengths), steps)
 
 
 def choose_path(op: str, requested: Optional[str], data: Tensor, rows: int, batch: int, steps: int,
