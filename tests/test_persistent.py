@@ -435,14 +435,15 @@ def test_cpu_modules_route_to_the_loop_and_match_torch_nn(cell, via):
 
 def test_unavailable_paths_give_a_reason(monkeypatch):
     """Paths the persistent kernels do not cover say why, and the Functions raise with that
-    reason instead of crashing: CUDA tensors without the CUDA kernels (a CPU-only build), and
-    a CPU call on the Triton backend (its interpreter is for tests)."""
+    reason instead of crashing: CUDA tensors without the CUDA kernels (a CPU-only build), a
+    CPU call on another backend than cpp (Triton's interpreter is for tests), other devices."""
     x = torch.randn(3, 2, 4)
     module, _ = PA._kernels()
     if module is not None and not module.has_cuda:
         assert not hasattr(module, "persistent_rnn_plan")
     reason = PA.route("GRU", "torch", x, 6, 2, 8, True)[1]
     assert "only backend 'cpp'" in reason and "'torch'" in reason
+    assert "got device meta" in PA.route("GRU", "cpp", x.to("meta"), 6, 2, 8, True)[1]
 
     monkeypatch.setattr(PA, "_extension", lambda: types.SimpleNamespace(has_cuda=False))
     reason = PA._fit_reason("GRU", torch.float32, torch.device("cuda", 0), 2, 8, True)

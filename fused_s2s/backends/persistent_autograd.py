@@ -122,6 +122,8 @@ def route(mode: str, backend: Optional[str], data: Tensor, rows: int, batch: int
     if torch.compiler.is_compiling():
         return None, "inside torch.compile the per-step custom ops are traced instead"
     kind = data.device.type
+    if kind not in ("cpu", "cuda"):
+        return None, f"the whole-sequence kernels need CPU or CUDA tensors, got device {data.device}"
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else data.dtype
     op = "gru_cell" if mode.lower() == "gru" else "lstm_cell"
     name = registry.resolve(backend, op, data.device, dtype, rows * 4 * hidden)
