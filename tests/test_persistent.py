@@ -20,6 +20,8 @@ from fused_s2s.backends.persistent_autograd import (PersistentGRUFunction, Persi
 CELLS = ("gru", "lstm")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 gpu = pytest.mark.gpu
+# where backend "cpp" has whole-sequence layers: the CUDA kernels, and the C++ loop on CPU
+CPP_DEVICES = [pytest.param("cuda", marks=gpu), "cpu"]
 
 
 def dtype_id(dtype):
@@ -142,10 +144,10 @@ def test_without_bias_and_with_missing_output_gradients(cell):
         check_parity(cell, 6, 5, 33, torch.bfloat16, ragged(6, 5), False, used=(used,))
 
 
-def make_torch_module(cell, input_size, hidden, seed=0):
+def make_torch_module(cell, input_size, hidden, seed=0, device="cuda"):
     torch.manual_seed(seed)
     cls = torch.nn.GRU if cell == "gru" else torch.nn.LSTM
-    return cls(input_size, hidden, bidirectional=True).to("cuda", torch.float64)
+    return cls(input_size, hidden, bidirectional=True).to(device, torch.float64)
 
 
 def run_torch(module, x, state, lengths):
@@ -179,7 +181,7 @@ def run_module(cell, module, x, state, lengths, packed, backend):
     """fused_s2s.GRU/LSTM with `backend`, sharing `module`'s parameters; with lengths, the input
     goes in packed or as padded + lengths=. Checks that the persistent route was taken."""
     ours = (fused_s2s.GRU if cell == "gru" else fused_s2s.LSTM)(
-        module.input_size, module.hidden_size, bidirectional=True, backend=backend, device="cuda", dtype=x.dtype)
+        module.input_size, module.hidden_size, bidirectional=True, backend=backend, device=x.device, dtype=x.dtype)
     for name, p in module.named_parameters():
         setattr(ours, name, p)
     calls = []
@@ -198,24 +200,30 @@ def run_module(cell, module, x, state, lengths, packed, backend):
     return out, state
 
 
-@gpu
+# (device, how): Triton's CPU run is its interpreter, which modules do not route to
+NN_PARITY_VIAS = [pytest.param("cuda", via, marks=gpu, id=f"cuda-{via}")
+                  for via in ("layer-functions", "module-packed", "module-lengths", "triton-module-packed",
+                              "triton-module-lengths")]
+NN_PARITY_VIAS += [pytest.param("cpu", via, id=f"cpu-{via}") for via in ("layer-functions", "module-packed",
+                                                                        "module-lengths")]
+
+
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("lengths", [None, [7, 3, 1, 7, 5]], ids=["full", "varying"])
-@pytest.mark.parametrize("via", ["layer-functions", "module-packed", "module-lengths", "triton-module-packed",
-                                 "triton-module-lengths"])
-def test_layer_functions_match_torch_nn(cell, dtype, lengths, via):
+@pytest.mark.parametrize("device,via", NN_PARITY_VIAS)
+def test_layer_functions_match_torch_nn(cell, dtype, lengths, device, via):
     """Both directions of a bidirectional nn.GRU/nn.LSTM (padded or packed input): outputs, final
     states and the gradients of the input, initial states and every parameter; through the
     layer functions, and through fused_s2s.GRU/LSTM's route to them (packed, or lengths=)."""
     steps, batch, input_size, hidden = 7, 5, 19, 33
     lengths = None if lengths is None else torch.tensor(lengths)
-    ref_module = make_torch_module(cell, input_size, hidden)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x64 = torch.randn(steps, batch, input_size, generator=g, device="cuda", dtype=torch.float64)
-    states64 = [torch.randn(2, batch, hidden, generator=g, device="cuda", dtype=torch.float64) * 0.5
+    ref_module = make_torch_module(cell, input_size, hidden, device=device)
+    g = torch.Generator(device=device).manual_seed(1)
+    x64 = torch.randn(steps, batch, input_size, generator=g, device=device, dtype=torch.float64)
+    states64 = [torch.randn(2, batch, hidden, generator=g, device=device, dtype=torch.float64) * 0.5
                 for _ in range(1 if cell == "gru" else 2)]
-    grad_out = torch.randn(steps, batch, 2 * hidden, generator=g, device="cuda", dtype=torch.float64)
+    grad_out = torch.randn(steps, batch, 2 * hidden, generator=g, device=device, dtype=torch.float64)
     grad_states = [torch.randn_like(s) for s in states64]
 
     def run_with(runner, module, dtype):
@@ -225,7 +233,7 @@ def test_layer_functions_match_torch_nn(cell, dtype, lengths, via):
         out, state = runner(module, x, states[0] if cell == "gru" else tuple(states), lengths)
         finals = [state] if cell == "gru" else list(state)
         if lengths is not None:
-            past = torch.arange(steps, device="cuda")[:, None] >= lengths.to("cuda")[None, :]
+            past = torch.arange(steps, device=device)[:, None] >= lengths.to(device)[None, :]
             out = out.masked_fill(past[..., None], 0)  # both pad the same way; make it explicit
         loss = (out * grad_out.to(dtype)).sum() + sum((f * gs.to(dtype)).sum() for f, gs in zip(finals, grad_states))
         loss.backward()
@@ -249,11 +257,11 @@ def test_layer_functions_match_torch_nn(cell, dtype, lengths, via):
 # ------------------------------------------------------------------------- behaviour
 
 
-@gpu
 @pytest.mark.parametrize("cell", CELLS)
-def test_repeatable_and_inference_without_saving(cell):
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_repeatable_and_inference_without_saving(cell, device):
     """Bitwise the same twice (a fixed summation order), and the same under no_grad."""
-    layer, grads = make_layer(cell, 10, 21, 70)
+    layer, grads = make_layer(cell, 10, 21, 70, device=device)
     lengths = ragged(10, 21)
     first = run(ours_layer, cell, layer, grads, torch.bfloat16, lengths, True)
     second = run(ours_layer, cell, layer, grads, torch.bfloat16, lengths, True)
@@ -267,10 +275,10 @@ def test_repeatable_and_inference_without_saving(cell):
     assert not out.requires_grad and torch.equal(out, first[0]["out"]) and torch.equal(h_n, first[0]["h_n"])
 
 
-@gpu
 @pytest.mark.parametrize("cell", CELLS)
-def test_empty_sequence_returns_fresh_initial_states(cell):
-    layer, grads = make_layer(cell, 0, 3, 9)
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_empty_sequence_returns_fresh_initial_states(cell, device):
+    layer, grads = make_layer(cell, 0, 3, 9, device=device)
     (outputs, grad) = run(ours_layer, cell, layer, grads, torch.float32, None, False)
     assert outputs["out"].shape == (0, 3, 9)
     torch.testing.assert_close(outputs["h_n"], layer["h0"].float())
@@ -376,62 +384,6 @@ def test_cpu_loop_is_the_per_step_kernels_arithmetic(cell, reverse):
             assert torch.equal(part[name], other[name]), name
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_cpu_loop_without_bias_missing_gradients_inference_and_clamped_lengths(cell, poison_uninitialized):
-    check_parity(cell, 6, 5, 33, torch.float32, ragged(6, 5), True, bias=False, device="cpu")
-    for used in ("out", "h_n", "c_n")[:2 if cell == "gru" else 3]:  # the others' gradients reach backward as None
-        check_parity(cell, 6, 5, 33, torch.float32, ragged(6, 5), False, used=(used,), device="cpu")
-    for reverse in (False, True):  # past T: the whole sequence; negative: none (as the CUDA kernels)
-        check_parity(cell, 5, 4, 9, torch.float32, torch.tensor([5 + 3, -2, 1000, 2]), reverse, device="cpu")
-    layer, _ = make_layer(cell, 5, 3, 9, device="cpu")
-    args = [layer[k].float() if layer[k] is not None else None for k in ("gx", "h0", "c0", "w_hh", "b_hh")]
-    with torch.no_grad():  # nothing saved for backward: the same outputs
-        inference = ours_layer(cell, *args, ragged(5, 3), True)
-    training = ours_layer(cell, *args, ragged(5, 3), True)
-    for a, b in zip(inference, training):
-        assert (a is None and b is None) or torch.equal(a, b.detach())
-    layer, grads = make_layer(cell, 0, 3, 9, device="cpu")  # an empty sequence: fresh initial states
-    outputs, grad = run(ours_layer, cell, layer, grads, torch.float32, None, False)
-    assert outputs["out"].shape == (0, 3, 9)
-    torch.testing.assert_close(outputs["h_n"], layer["h0"].float())
-    torch.testing.assert_close(grad["h0"], grads["h_n"].float())
-
-
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("via", ["padded", "lengths", "packed"])
-def test_cpu_modules_route_to_the_loop_and_match_torch_nn(cell, via):
-    """fused_s2s.GRU/LSTM(backend="cpp") on CPU run their layers on the loop, with nn's outputs
-    and gradients (a bidirectional layer, padded, packed or lengths=)."""
-    steps, batch, input_size, hidden = 7, 5, 19, 33
-    torch.manual_seed(0)
-    ref = (torch.nn.GRU if cell == "gru" else torch.nn.LSTM)(input_size, hidden, bidirectional=True).double()
-    ours = (fused_s2s.GRU if cell == "gru" else fused_s2s.LSTM)(input_size, hidden, bidirectional=True,
-                                                                backend="cpp", dtype=torch.float64)
-    ours.load_state_dict(ref.state_dict())
-    lengths = None if via == "padded" else torch.tensor([7, 3, 1, 7, 5])
-    x = torch.randn(steps, batch, input_size, dtype=torch.float64)
-    grad_out = torch.randn(steps, batch, 2 * hidden, dtype=torch.float64)
-    results = []
-    for module, is_ours in ((ref, False), (ours, True)):
-        xi = x.clone().requires_grad_(True)
-        calls = []
-        original = getattr(PA, f"persistent_{cell}_layer")
-        setattr(PA, f"persistent_{cell}_layer", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
-        try:
-            if lengths is not None and (via == "packed" or not is_ours):
-                out = pad_packed_sequence(module(pack_padded_sequence(xi, lengths, enforce_sorted=False))[0],
-                                          total_length=steps)[0]
-            else:
-                out = module(xi, lengths=lengths)[0] if is_ours else module(xi)[0]
-        finally:
-            setattr(PA, f"persistent_{cell}_layer", original)
-        assert len(calls) == (2 if is_ours else 0), "the module did not run on the whole-sequence loop"
-        (out * grad_out).sum().backward()
-        results.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a)
-
-
 def test_unavailable_paths_give_a_reason(monkeypatch):
     """Paths the persistent kernels do not cover say why, and the Functions raise with that
     reason instead of crashing: CUDA tensors without the CUDA kernels (a CPU-only build), a
@@ -455,6 +407,9 @@ def test_unavailable_paths_give_a_reason(monkeypatch):
 
 TRITON_CASES = [p for p in parity_cases("gru_cell", [torch.float32, torch.float16, torch.bfloat16])
                 if p.values[0] == "triton"]
+# float32 cases of the whole-sequence kernels CI runs: Triton's (interpreted on CPU) and the C++ loop
+FLOAT32_CASES = [p for p in TRITON_CASES if p.values[2] == torch.float32] + [
+    pytest.param("cpp", "cpu", torch.float32, id="cpp-cpu-float32")]
 # (steps, batch, hidden): odd sizes; two programs of 16 rows and the largest hidden size; H=1, B=1
 TRITON_SHAPES = [(6, 5, 33), (4, 19, 64), (3, 1, 1)]
 DIRECTIONS = [(False, "full"), (True, "ragged"), (False, "ragged")]
@@ -472,10 +427,9 @@ def test_triton_functions_match_the_reference(cell, backend, device, dtype, shap
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("backend,device,dtype", [p for p in TRITON_CASES if p.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FLOAT32_CASES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_triton_lengths_outside_the_sequence_are_clamped(cell, backend, device, dtype, reverse,
-                                                          poison_uninitialized):
+def test_lengths_outside_the_sequence_are_clamped(cell, backend, device, dtype, reverse, poison_uninitialized):
     """Lengths past T run the whole sequence and negative ones none, as in the CUDA kernels (the
     host range check is skipped under CUDA-graph capture, so the kernel itself must clamp): a
     reversed row with a length past T starts from h0/c0 at step T-1, never from step T."""
@@ -483,8 +437,8 @@ def test_triton_lengths_outside_the_sequence_are_clamped(cell, backend, device, 
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("backend,device,dtype", [p for p in TRITON_CASES if p.values[2] == torch.float32])
-def test_triton_without_bias_missing_gradients_and_inference(cell, backend, device, dtype):
+@pytest.mark.parametrize("backend,device,dtype", FLOAT32_CASES)
+def test_without_bias_missing_gradients_and_inference(cell, backend, device, dtype):
     check_parity(cell, 6, 5, 33, dtype, ragged(6, 5), True, bias=False, device=device, backend=backend)
     for used in ("out", "h_n", "c_n")[:2 if cell == "gru" else 3]:  # the others' gradients reach backward as None
         check_parity(cell, 6, 5, 33, dtype, ragged(6, 5), False, used=(used,), device=device, backend=backend)

@@ -48,9 +48,13 @@ def size_class(op: str, size: int) -> str:
     return "H<=256" if size <= 256 else "H>256"
 
 
+def _one_step(steps: Optional[int]) -> bool:
+    """Whether a layer call runs one time step; None: a sequence (the callers that do not say)."""
+    return steps is not None and steps <= 1
+
+
 def steps_class(steps: Optional[int]) -> str:
-    """Time steps of a layer call; None: a sequence (the callers that do not say)."""
-    return "T=1" if steps is not None and steps <= 1 else "T>1"
+    return "T=1" if _one_step(steps) else "T>1"
 
 
 def shape_class(op: str, batch: int, size: int, training: bool, steps: Optional[int] = None) -> str:
@@ -128,7 +132,7 @@ def _class_key(op: str, device: torch.device, dtype: torch.dtype, batch: int, si
     """shape_class's answer as a cheap key (it runs on every call): what _choices remembers."""
     return (op, device, dtype, 0 if batch <= 1 else (1 if batch <= 16 else 2),
             size <= (1 if op in ATTENTION_OPS else 256), training,
-            op in LAYER_OPS and steps is not None and steps <= 1)
+            op in LAYER_OPS and _one_step(steps))
 
 
 def table_choice(op: str, device: torch.device, dtype: torch.dtype, batch: int, size: int,
