@@ -119,26 +119,29 @@ std::tuple<Tensor, Tensor, Tensor> persistent_gru_bwd(const OptTensor& grad_out,
   // the gradient reaching the state, carried back from step to step: grad_h0 at the end
   Tensor dh = grad_h_n ? grad_h_n->clone() : at::zeros({B, H}, h0.options());
   Tensor g = at::empty({B, H}, h0.options());          // dh + grad_out of the step
-  Tensor h_prev = at::empty({B, H}, h0.options());     // the rows' states before the step
   Tensor dh_direct = at::empty({B, H}, h0.options());  // dh's part that bypasses W_hh
   dispatch_float(h0, [&](auto zero) {
     using S = decltype(zero);
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = steps.at(s);
-      const GruBwdArgs<S> args{ptr<S>(g), ptr<S>(h_prev), ptr<S>(saved) + t * B * 4 * H,
-                               mut_ptr<S>(grad_gx) + t * B * 3 * H, mut_ptr<S>(grad_gh) + t * B * 3 * H,
-                               mut_ptr<S>(dh_direct), H};
+      S* grad_gx_t = mut_ptr<S>(grad_gx) + t * B * 3 * H;
+      S* grad_gh_t = mut_ptr<S>(grad_gh) + t * B * 3 * H;
       at::parallel_for(0, B, grain_for(2 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const S* dh_b = ptr<S>(dh) + b * H;
+          S* g_b = mut_ptr<S>(g) + b * H;
+          S* direct_b = mut_ptr<S>(dh_direct) + b * H;
           if (steps.active(b, t)) {
-            step_gradient(mut_ptr<S>(g) + b * H, dh_b, grad_out, t, b, B, H);
-            std::copy_n(state_before(steps, b, t, ptr<S>(h0), ptr<S>(out), B, H), H, mut_ptr<S>(h_prev) + b * H);
-            gru_bwd_rows(args, b, b + 1);
+            step_gradient(g_b, dh_b, grad_out, t, b, B, H);
+            // one row's arguments: its h_prev is h0's row or out's row of the step before
+            const GruBwdArgs<S> row{g_b, state_before(steps, b, t, ptr<S>(h0), ptr<S>(out), B, H),
+                                    ptr<S>(saved) + (t * B + b) * 4 * H, grad_gx_t + b * 3 * H,
+                                    grad_gh_t + b * 3 * H, direct_b, H};
+            gru_bwd_rows(row, 0, 1);
           } else {  // the state passed through unchanged: so does its gradient
-            zero_row(args.grad_gx + b * 3 * H, 3 * H);
-            zero_row(args.grad_gh + b * 3 * H, 3 * H);
-            std::copy_n(dh_b, H, args.grad_h_direct + b * H);
+            zero_row(grad_gx_t + b * 3 * H, 3 * H);
+            zero_row(grad_gh_t + b * 3 * H, 3 * H);
+            std::copy_n(dh_b, H, direct_b);
           }
         }
       });
@@ -200,27 +203,29 @@ std::tuple<Tensor, Tensor, Tensor> persistent_lstm_bwd(const OptTensor& grad_out
   Tensor dh = grad_h_n ? grad_h_n->clone() : at::zeros({B, H}, c0.options());
   Tensor dc = grad_c_n ? grad_c_n->clone() : at::zeros({B, H}, c0.options());
   Tensor g = at::empty({B, H}, c0.options());          // dh + grad_out of the step
-  Tensor c_prev = at::empty({B, H}, c0.options());     // the rows' cell states before the step
   Tensor dh_direct = at::empty({B, H}, c0.options());  // 0 on the rows that ran the step, dh on the others
   dispatch_float(c0, [&](auto zero) {
     using S = decltype(zero);
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = steps.at(s);
-      // grad_c is dc itself: each element is read before it is overwritten
-      const LstmBwdArgs<S> args{ptr<S>(g), ptr<S>(dc), ptr<S>(c_prev), ptr<S>(c_seq) + t * B * H,
-                                ptr<S>(saved) + t * B * 4 * H, mut_ptr<S>(grad_gates) + t * B * 4 * H,
-                                mut_ptr<S>(dc), H};
+      S* grad_gates_t = mut_ptr<S>(grad_gates) + t * B * 4 * H;
       at::parallel_for(0, B, grain_for(2 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const S* dh_b = ptr<S>(dh) + b * H;
+          S* g_b = mut_ptr<S>(g) + b * H;
+          S* dc_b = mut_ptr<S>(dc) + b * H;
           S* direct_b = mut_ptr<S>(dh_direct) + b * H;
           if (steps.active(b, t)) {
-            step_gradient(mut_ptr<S>(g) + b * H, dh_b, grad_out, t, b, B, H);
-            std::copy_n(state_before(steps, b, t, ptr<S>(c0), ptr<S>(c_seq), B, H), H, mut_ptr<S>(c_prev) + b * H);
-            lstm_bwd_rows(args, b, b + 1);
+            step_gradient(g_b, dh_b, grad_out, t, b, B, H);
+            // one row's arguments: its c_prev is c0's row or c_seq's row of the step before; grad_c
+            // is dc's row itself (each element is read before it is overwritten)
+            const LstmBwdArgs<S> row{g_b, dc_b, state_before(steps, b, t, ptr<S>(c0), ptr<S>(c_seq), B, H),
+                                     ptr<S>(c_seq) + (t * B + b) * H, ptr<S>(saved) + (t * B + b) * 4 * H,
+                                     grad_gates_t + b * 4 * H, dc_b, H};
+            lstm_bwd_rows(row, 0, 1);
             zero_row(direct_b, H);
           } else {  // the states passed through unchanged: so do their gradients
-            zero_row(args.grad_gates + b * 4 * H, 4 * H);
+            zero_row(grad_gates_t + b * 4 * H, 4 * H);
             std::copy_n(dh_b, H, direct_b);
           }
         }
